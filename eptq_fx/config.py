@@ -1,0 +1,214 @@
+"""Typed, frozen, validated configuration.
+
+``EPTQConfig(weight_bits=4, act_bits=8)`` is all most users write; the nested ``HessianConfig`` and
+``ReconstructionConfig`` carry the method's knobs with defaults taken from the paper's public code.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from .errors import ConfigError
+
+ActScheme = Literal["asymmetric", "symmetric", "unsigned"]
+RangeMethod = Literal["minmax", "mse", "hmse"]
+Granularity = Literal["layer", "block", "network"]
+Method = Literal["eptq", "rtn"]
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+class _Keep:
+    """Sentinel: an override field that is not set keeps the global value."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()
+
+
+def _check_bits(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer between {MIN_BITS} and {MAX_BITS}, got {value!r}.")
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{name} must be between {MIN_BITS} and {MAX_BITS}, got {value}.")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}.{hint}")
+
+
+def _check_positive(name: str, value, integer: bool = True) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ConfigError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-layer override. Exactly one of ``name`` (exact qualified module name), ``regex`` (``re.fullmatch``
+    on the name) or ``module_type`` selects layers; ``weight_bits`` / ``act_bits`` set to ``None`` leave
+    that part in float, ``KEEP`` (the default) keeps the global setting. Later overrides win."""
+
+    name: str | None = None
+    regex: str | None = None
+    module_type: type | None = None
+    weight_bits: int | None | _Keep = KEEP
+    act_bits: int | None | _Keep = KEEP
+
+    def __post_init__(self) -> None:
+        chosen = [x for x in (self.name, self.regex, self.module_type) if x is not None]
+        if len(chosen) != 1:
+            raise ConfigError("An Override needs exactly one of name=, regex= or module_type=.")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ConfigError(f"Override regex {self.regex!r} is not a valid regular expression: {e}.") from e
+        if self.module_type is not None and not isinstance(self.module_type, type):
+            raise ConfigError(f"Override module_type must be a class, got {self.module_type!r}.")
+        for f in ("weight_bits", "act_bits"):
+            v = getattr(self, f)
+            if v is not KEEP:
+                _check_bits(f"Override.{f}", v, allow_none=True)
+
+    def matches(self, name: str, module: object) -> bool:
+        if self.name is not None:
+            return name == self.name
+        if self.regex is not None:
+            return re.fullmatch(self.regex, name) is not None
+        return isinstance(module, self.module_type)
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """Label-free Hessian (Hutchinson) settings."""
+
+    max_probes: int = 100  # paper code: ~100 Rademacher probes
+    min_probes: int = 10
+    tol: float = 1e-2  # stop when the running mean's relative change stays below tol
+    probe: Literal["rademacher", "gaussian"] = "rademacher"
+    batch_size: int = 128  # samples per Hessian batch (independent of the reconstruction batch)
+    weight_samples: int = 64  # images used for the per-element weight Hessian (HMSE thresholds)
+    weight_probes: int = 16
+    cache_dir: str | None = ".cache/eptq_fx/hessian"  # None disables the cache
+
+    def __post_init__(self) -> None:
+        for n in ("max_probes", "min_probes", "batch_size", "weight_samples", "weight_probes"):
+            _check_positive(f"HessianConfig.{n}", getattr(self, n))
+        if self.min_probes > self.max_probes:
+            raise ConfigError("HessianConfig.min_probes must not exceed max_probes.")
+        _check_positive("HessianConfig.tol", self.tol, integer=False)
+        _check_choice("HessianConfig.probe", self.probe, ("rademacher", "gaussian"))
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """AdaRound-style reconstruction settings (paper-code defaults where the paper states them)."""
+
+    granularity: Granularity = "block"
+    iters: int = 1000  # optimisation steps per block (network mode: in total)
+    batch_size: int = 32
+    lr_round: float = 1e-2
+    lr_bias: float = 1e-3
+    lr_scale: float = 1e-3  # per-channel weight scale and activation scales
+    reg_factor: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2  # fraction of steps with beta held and no rounding regulariser decay
+    gamma: float = -0.1
+    zeta: float = 1.1
+    train_bias: bool = True
+    train_weight_scale: bool = True
+    train_act_scale: bool = True
+    act_phase_in: bool = True  # activation quantization phased in: p·x + (1−p)·Q(x), p from 1 to 0
+    qdrop: float = 0.0  # probability of keeping an activation in float (QDrop); 0 disables
+    hessian_weighting: bool = True  # False = uniform weights (ablation)
+
+    def __post_init__(self) -> None:
+        _check_choice("ReconstructionConfig.granularity", self.granularity, ("layer", "block", "network"))
+        _check_positive("ReconstructionConfig.iters", self.iters)
+        _check_positive("ReconstructionConfig.batch_size", self.batch_size)
+        for n in ("lr_round", "lr_bias", "lr_scale", "beta_start", "beta_end"):
+            _check_positive(f"ReconstructionConfig.{n}", getattr(self, n), integer=False)
+        if not 0.0 <= self.reg_factor:
+            raise ConfigError("ReconstructionConfig.reg_factor must be >= 0.")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError("ReconstructionConfig.warmup must be in [0, 1).")
+        if not 0.0 <= self.qdrop < 1.0:
+            raise ConfigError("ReconstructionConfig.qdrop must be in [0, 1).")
+        if not (self.gamma < 0.0 and self.zeta > 1.0):
+            raise ConfigError("ReconstructionConfig needs gamma < 0 and zeta > 1 (the stretch of the sigmoid).")
+
+
+@dataclass(frozen=True)
+class EPTQConfig:
+    """Everything a quantization run needs to know. Frozen and validated on construction."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    method: Method = "eptq"
+    act_scheme: ActScheme = "asymmetric"
+    power_of_two: bool = False
+    weight_range: RangeMethod = "mse"  # "hmse" needs the Hessian; method="eptq" uses it when set
+    act_range: Literal["minmax", "mse"] = "mse"
+    n_grid: int = 100  # clipping-ratio grid size of the scale searches
+    first_last_8bit: bool = True  # first and last weight layer (and their input activations) at 8 bits
+    overrides: tuple[Override, ...] = ()
+    n_calib: int = 1024
+    calib_batch_size: int = 32
+    seed: int = 0
+    hessian: HessianConfig = field(default_factory=HessianConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits)
+        _check_bits("act_bits", self.act_bits)
+        _check_choice("method", self.method, ("eptq", "rtn"))
+        _check_choice("act_scheme", self.act_scheme, ("asymmetric", "symmetric", "unsigned"))
+        _check_choice("weight_range", self.weight_range, ("minmax", "mse", "hmse"))
+        _check_choice("act_range", self.act_range, ("minmax", "mse"))
+        _check_positive("n_grid", self.n_grid)
+        _check_positive("n_calib", self.n_calib)
+        _check_positive("calib_batch_size", self.calib_batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+        if self.power_of_two and self.act_scheme == "asymmetric":
+            raise ConfigError(
+                "power_of_two scales need a zero point of 0: use act_scheme='symmetric' or 'unsigned'."
+            )
+        if not isinstance(self.overrides, tuple) or not all(isinstance(o, Override) for o in self.overrides):
+            raise ConfigError("overrides must be a tuple of eptq_fx.Override.")
+        if not isinstance(self.hessian, HessianConfig):
+            raise ConfigError("hessian must be an eptq_fx.HessianConfig.")
+        if not isinstance(self.reconstruction, ReconstructionConfig):
+            raise ConfigError("reconstruction must be an eptq_fx.ReconstructionConfig.")
+
+    def fingerprint_dict(self) -> dict:
+        """A JSON-able description used to fingerprint runs (checkpoints, caches)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "overrides":
+                v = [repr(o) for o in v]
+            elif f.name in ("hessian", "reconstruction"):
+                v = {g.name: getattr(v, g.name) for g in fields(v)}
+            out[f.name] = v
+        return out
+
+
+def check_override_names(config: EPTQConfig, known_names: list[str]) -> None:
+    """Refuse ``Override(name=...)`` entries that name no layer, listing close matches."""
+    for o in config.overrides:
+        if o.name is not None and o.name not in known_names:
+            close = difflib.get_close_matches(o.name, known_names, n=3)
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            raise ConfigError(f"Override name {o.name!r} matches no quantizable layer.{hint}")

@@ -1,0 +1,37 @@
+"""The ``node.meta`` keys through which passes hand state to each other. Defined once, here.
+
+Every key lives under the ``eptq_fx.`` namespace so that it never collides with torch's own meta keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# On a weight-op node (call_module of conv/linear, or call_function matmul): the LayerQuant chosen for it.
+LAYER_QUANT = "eptq_fx.layer_quant"
+# On any node whose output feeds a quantized op: the ActQuant spec for that output (per-tensor).
+ACT_QUANT = "eptq_fx.act_quant"
+# On a weight-op output node: the name of the compare point (what reconstruction and the Hessian look at).
+COMPARE_POINT = "eptq_fx.compare_point"
+# On a node inserted by insert_qdq: what it is ("act_quant").
+INSERTED = "eptq_fx.inserted"
+# On every node that belongs to a reconstruction block: the block index (topological order).
+BLOCK = "eptq_fx.block"
+# On a conv/linear node that absorbed a BatchNorm: the BN's qualified name (for logs and tests).
+FOLDED_BN = "eptq_fx.folded_bn"
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """Quantization decided for one weight op. ``None`` bits mean 'leave in float'."""
+
+    name: str  # qualified module name (or node name for functional ops)
+    weight_bits: int | None
+    act_bits: int | None  # bits of the activations feeding this op
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Per-tensor quantization of one activation tensor."""
+
+    bits: int
+    scheme: str  # "asymmetric" | "symmetric" | "unsigned"
