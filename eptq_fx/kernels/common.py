@@ -60,7 +60,8 @@ def as_float_array(name: str, a: object, ndim: int | None, dtype=np.float32) -> 
         raise KernelInputError(f"{name} must be a real numeric array, got dtype {arr.dtype}.")
     if ndim is not None and arr.ndim != ndim:
         raise KernelInputError(f"{name} must be {ndim}-D, got shape {arr.shape}.")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes Inf, reported just below
+        arr = np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(arr).all():
         raise KernelInputError(f"{name} contains NaN or Inf (after conversion to {np.dtype(dtype).name}).")
     return arr

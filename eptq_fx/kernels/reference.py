@@ -160,13 +160,25 @@ def _act_candidates_ref(vmin, vmax, bits, scheme, n_grid, power_of_two):
     return scales, np.zeros_like(scales), qmin, qmax
 
 
+def _act_errors_ref(values, counts, scales, zps, qmin, qmax, norm) -> np.ndarray:
+    """Errors of every candidate, a chunk of candidates x all values at a time."""
+    x = np.asarray(values, dtype=np.float64)[None, :]
+    out = []
+    step = max(1, 2_000_000 // x.size)
+    for g0 in range(0, scales.size, step):
+        s, z = scales[g0 : g0 + step, None], zps[g0 : g0 + step, None]
+        q = np.clip(np.rint(x / s) + z, qmin, qmax)
+        e = np.abs(x - (q - z) * s) ** norm
+        out.append((e * counts).sum(axis=1) if counts is not None else e.sum(axis=1))
+    return np.concatenate(out)
+
+
 def _act_search_ref(values, counts, bits, scheme, n_grid, norm, power_of_two):
     cands = _act_candidates_ref(float(values.min()), float(values.max()), bits, scheme, n_grid, power_of_two)
     if cands is None:
         return 1.0, 0
     scales, zps, qmin, qmax = cands
-    errs = np.array([act_error_ref(values, s, z, qmin, qmax, norm, counts) for s, z in zip(scales, zps)])
-    best = int(np.argmin(errs))
+    best = int(np.argmin(_act_errors_ref(values, counts, scales, zps, qmin, qmax, norm)))  # first: widest
     return float(scales[best]), int(zps[best])
 
 
