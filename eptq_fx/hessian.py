@@ -1,0 +1,449 @@
+"""The label-free Hessian of EPTQ, estimated with Hutchinson probes.
+
+For a compare point a_l (the output of a quantized conv / linear / matmul) the score is tr(J_lᵀ J_l) with
+J_l = ∂f(x)/∂a_l and f the model output itself: no labels, no loss. For a probe v shaped like the output with
+E[v vᵀ] = I (Rademacher or Gaussian), E_v ‖J_lᵀ v‖² = tr(J_l J_lᵀ) = tr(J_lᵀ J_l). One backward pass of
+Σ v ⊙ f(x) yields J_lᵀ v for every compare point at once, and because the samples of a batch are independent
+in eval mode, the per-sample slice of that gradient gives per-sample scores from one batched backward.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import operator
+import os
+import pickle
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.fx
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
+from tqdm.auto import tqdm
+
+from .config import HessianConfig
+from .data import CalibSet
+from .errors import HessianError
+
+logger = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 1  # bump when the stored layout or the estimator changes
+_CONSECUTIVE_CONVERGED = 3  # probes in a row whose relative change must stay below tol
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul}
+
+
+@dataclass
+class HessianScores:
+    names: list[str]  # compare-point node names, in the order given
+    scores: torch.Tensor  # (N_samples, L) float32: per-sample, per-layer tr(JᵀJ) estimate
+    n_probes: int  # probes actually used: the maximum over batches (early stop)
+    per_channel: dict[str, torch.Tensor] | None = None  # (N, C_l) per-channel scores, channel = dim 1
+
+
+def _grad_point(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Make a compare point something autograd can differentiate with respect to.
+
+    Parameters are detached during probing, so a tensor that does not require grad has no compare point
+    upstream of it: turning it into a fresh leaf loses no gradient path."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise HessianError(f"Compare point {name!r} produced a {type(x).__name__} "
+                           f"{getattr(x, 'dtype', '')}; the Hessian needs a floating-point tensor there.")
+    return x if x.requires_grad else x.detach().requires_grad_()
+
+
+def _mutates_input(node: torch.fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.kwargs.get("inplace") is True or node.target in _INPLACE_OPERATORS:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _probe_module(gm: torch.fx.GraphModule, compare_points: Sequence[str]) -> torch.fx.GraphModule:
+    """A new GraphModule, sharing gm's submodules, that returns (original output, (a_1, ..., a_L))."""
+    if len(set(compare_points)) != len(compare_points):
+        raise HessianError("The compare points contain duplicates; pass each node name once.")
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    missing = [p for p in compare_points if p not in by_name or by_name[p].op == "output"]
+    if missing:
+        raise HessianError(f"Compare point(s) {missing} are not value nodes of the graph; "
+                           f"pass node names such as {[n for n in by_name][:5]}.")
+    modules = dict(gm.named_modules())
+    exposed = []
+    for name in compare_points:
+        node = by_name[name]
+        users = list(node.users)
+        with graph.inserting_after(node):
+            point = graph.call_function(_grad_point, (node, name))
+        # An in-place user would overwrite the very tensor we differentiate by: feed users a copy instead.
+        feed = point
+        if any(_mutates_input(u, modules) for u in users):
+            with graph.inserting_after(point):
+                feed = graph.call_method("clone", (point,))
+        for user in users:
+            user.replace_input_with(node, feed)
+        exposed.append(point)
+    output = next(n for n in graph.nodes if n.op == "output")
+    original = output.args[0]
+    with graph.inserting_before(output):
+        graph.output((original, tuple(exposed)))
+    graph.erase_node(output)
+    codegen = graph._codegen
+    if isinstance(codegen, torch.fx.graph._PyTreeCodeGen):  # the output no longer has the traced structure
+        info = codegen.pytree_info
+        graph._codegen = torch.fx.graph._PyTreeCodeGen(info._replace(out_spec=None))
+    graph.lint()
+    return torch.fx.GraphModule(gm, graph, class_name="HessianProbe")
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (independent samples, no BatchNorm statistics updates), then the user's flags back."""
+    flags = [(m, m.training) for m in module.modules()]
+    if any(f for _, f in flags):
+        logger.info("model is in training mode; the Hessian is computed in eval mode")
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _model_device(gm: torch.nn.Module) -> torch.device | None:
+    for t in (*gm.parameters(), *gm.buffers()):
+        return t.device
+    return None
+
+
+def _differentiable_leaves(out) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+
+
+def _draw_probes(leaves: list[torch.Tensor], kind: str, gen: torch.Generator) -> list[torch.Tensor]:
+    """Probes are drawn on the CPU so that a seed gives the same probes on every device."""
+    probes = []
+    for t in leaves:
+        if kind == "rademacher":
+            v = torch.randint(0, 2, t.shape, generator=gen).to(t.dtype) * 2 - 1
+        else:
+            v = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype)
+        probes.append(v.to(t.device))
+    return probes
+
+
+def _no_output_dependence(what: str) -> HessianError:
+    return HessianError(f"The model output has no floating-point tensor that depends on the {what} (e.g. it "
+                        f"ends in argmax or is detached); return the logits/features so the Hessian is "
+                        f"defined.")
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def _cache_key(kind: str, gm: torch.fx.GraphModule, names: Sequence[str], calib: CalibSet,
+               config: HessianConfig, seed: int, extra: object) -> str:
+    h = hashlib.sha256()
+    h.update(repr((_CACHE_FORMAT, kind, gm.code, list(names), calib.fingerprint(), seed, extra)).encode())
+    # cache_dir only says where the result lives, not what it is.
+    settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "cache_dir"}
+    h.update(repr(settings).encode())
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for name, t in sorted(tensors, key=lambda item: item[0]):
+        h.update(repr((name, tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_load(config: HessianConfig, key: str) -> dict | None:
+    if config.cache_dir is None:
+        return None
+    path = Path(config.cache_dir) / f"{key}.pt"
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # damaged: recompute
+        logger.warning("ignoring unreadable Hessian cache entry %s (%s: %s)", path, type(e).__name__, e)
+        return None
+    logger.info("Hessian cache hit: %s", path)
+    return payload
+
+
+def _cache_store(config: HessianConfig, key: str, payload: dict) -> None:
+    if config.cache_dir is None:
+        return
+    directory = Path(config.cache_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{key}.pt.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, directory / f"{key}.pt")  # atomic: a reader never sees a half-written entry
+
+
+# ---------------------------------------------------------------------------------------- activations
+
+
+def _converged(history: list[float], k: int, config: HessianConfig) -> bool:
+    return (k >= config.min_probes and len(history) >= _CONSECUTIVE_CONVERGED
+            and all(c < config.tol for c in history[-_CONSECUTIVE_CONVERGED:]))
+
+
+def _relative_change(new_mean: torch.Tensor, old_mean: torch.Tensor) -> float:
+    """Largest relative change over layers, so that every layer (not just the biggest) has converged."""
+    live = old_mean > 0
+    if not bool(live.any()):
+        return 0.0
+    return float(((new_mean[live] - old_mean[live]).abs() / old_mean[live]).max())
+
+
+def _batch_scores(probe_gm: torch.fx.GraphModule, params: dict, inputs: tuple, names: Sequence[str],
+                  config: HessianConfig, gen: torch.Generator, per_channel: bool):
+    """Per-sample (and per-channel) scores of one batch, and how many probes it took."""
+    out, acts = functional_call(probe_gm, params, inputs)
+    leaves = _differentiable_leaves(out)
+    if not leaves:
+        raise _no_output_dependence("compare points")
+    n = inputs[0].shape[0]
+    for name, a in zip(names, acts):
+        if a.dim() == 0 or a.shape[0] != n:
+            raise HessianError(f"Compare point {name!r} has shape {tuple(a.shape)}, whose dim 0 is not the "
+                               f"batch of {n}; per-sample scores need batch-first activations.")
+    sums = [torch.zeros(n, device=a.device) for a in acts]
+    channel_sums = [torch.zeros(n, a.shape[1] if a.dim() > 1 else 1, device=a.device) for a in acts]
+    history: list[float] = []
+    old_mean = None
+    k = 0
+    for k in range(1, config.max_probes + 1):
+        grads = torch.autograd.grad(leaves, acts, grad_outputs=_draw_probes(leaves, config.probe, gen),
+                                    retain_graph=k < config.max_probes, allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is None:  # this compare point does not reach the output: its score stays 0
+                continue
+            sq = g.detach().float().pow(2).reshape(n, g.shape[1] if g.dim() > 1 else 1, -1).sum(2)
+            channel_sums[i] += sq
+            sums[i] += sq.sum(1)
+        new_mean = torch.stack([s.sum() for s in sums]) / k
+        if old_mean is not None:
+            history.append(_relative_change(new_mean, old_mean))
+        old_mean = new_mean
+        if _converged(history, k, config):
+            break
+    scores = torch.stack(sums, dim=1) / k
+    channels = [c / k for c in channel_sums] if per_channel else None
+    return scores, channels, k
+
+
+def label_free_hessian(gm: torch.fx.GraphModule, compare_points: Sequence[str], calib: CalibSet,
+                       config: HessianConfig, seed: int = 0, per_channel: bool = False,
+                       progress: bool = True) -> HessianScores:
+    """Per-sample, per-compare-point tr(JᵀJ) of the model output w.r.t. each compare point.
+
+    ``gm`` is not modified: probing runs on a new GraphModule sharing its submodules, with detached copies of
+    its parameters, in eval mode (training flags restored afterwards). Early stop per batch: after
+    ``min_probes``, stop once the largest relative change over layers of the running mean of the batch's
+    per-layer score stays below ``tol`` for 3 probes in a row. Raises HessianError when every score is
+    zero."""
+    names = list(compare_points)
+    if not names:
+        raise HessianError("No compare points given; pass the node names of the quantized layers' outputs.")
+    probe_gm = _probe_module(gm, names)
+    key = None
+    if config.cache_dir is not None:
+        key = _cache_key("activation", gm, names, calib, config, seed, per_channel)
+        hit = _cache_load(config, key)
+        if hit is not None:
+            return HessianScores(hit["names"], hit["scores"], hit["n_probes"], hit["per_channel"])
+    start = time.perf_counter()
+    device = _model_device(gm)
+    params = {n: p.detach() for n, p in gm.named_parameters()}
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.zeros(calib.n, len(names))
+    channels: list[list[torch.Tensor]] = []
+    probe_counts = []
+    n_batches = math.ceil(calib.n / config.batch_size)
+    with _eval_mode(gm), torch.enable_grad():
+        for idx, inputs in tqdm(calib.batches(config.batch_size), total=n_batches, desc="label-free Hessian",
+                                disable=not progress, leave=False):
+            if device is not None:
+                inputs = tuple(t.to(device) for t in inputs)
+            batch, batch_channels, k = _batch_scores(probe_gm, params, inputs, names, config, gen,
+                                                     per_channel)
+            scores[idx] = batch.cpu()
+            if batch_channels is not None:
+                channels.append([c.cpu() for c in batch_channels])
+            probe_counts.append(k)
+    logger.debug("Hessian probes per batch: %s", probe_counts)
+    _check_scores(scores, names)
+    per_channel_scores = ({name: torch.cat([c[i] for c in channels]) for i, name in enumerate(names)}
+                          if per_channel else None)
+    result = HessianScores(names, scores, max(probe_counts), per_channel_scores)
+    logger.info("label-free Hessian: %d layers, %d samples, %d probes (max over batches), %.1f s",
+                len(names), calib.n, result.n_probes, time.perf_counter() - start)
+    if key is not None:
+        _cache_store(config, key, {"names": names, "scores": scores, "n_probes": result.n_probes,
+                                   "per_channel": per_channel_scores})
+    return result
+
+
+def _check_scores(scores: torch.Tensor, names: Sequence[str]) -> None:
+    if not bool(torch.isfinite(scores).all()):
+        bad = [n for n, ok in zip(names, torch.isfinite(scores).all(0).tolist()) if not ok]
+        raise HessianError(f"The Hessian scores of {bad} are NaN or Inf; check that the model output is "
+                           f"finite on the calibration data.")
+    if not bool((scores != 0).any()):
+        raise HessianError("Every Hessian score is zero: the model output does not depend on any compare "
+                           "point; return the logits/features (not argmax) and check that the compare "
+                           "points reach it.")
+    zero = [n for n, nz in zip(names, (scores != 0).any(0).tolist()) if not nz]
+    if zero:
+        logger.warning("Hessian scores are zero for %s: these compare points do not influence the output.",
+                       zero)
+
+
+# -------------------------------------------------------------------------------------------- weights
+#
+# E_v (∂ vᵀf(x_n)/∂W)² must be averaged per sample. A batched backward gives (Σ_n g_n)², which has the right
+# mean (the cross terms vanish in expectation) but keeps them as noise: the batch then counts as one draw, not
+# as N. For Linear / Conv1d / Conv2d the per-sample weight gradient is a cheap outer product of the layer's
+# input and the gradient at its output, so those get exact per-sample terms from one batched backward; other
+# module types fall back to the batched estimate.
+
+_PER_SAMPLE_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def _call_sites(gm: torch.fx.GraphModule, name: str) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+
+
+def _has_per_sample_rule(module: torch.nn.Module, sites: list[torch.fx.Node]) -> bool:
+    if not isinstance(module, _PER_SAMPLE_TYPES) or not sites:
+        return False
+    if isinstance(module, torch.nn.Linear):
+        pass
+    elif isinstance(module.padding, str) or module.padding_mode != "zeros":  # unfold needs explicit zeros
+        return False
+    return all(len(s.args) == 1 and not s.kwargs and isinstance(s.args[0], torch.fx.Node) for s in sites)
+
+
+def _per_sample_weight_grad(module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(B, *weight.shape): each sample's gradient of the weight, from the layer input and output gradient."""
+    b = x.shape[0]
+    if isinstance(module, torch.nn.Linear):
+        x, delta = x.reshape(b, -1, x.shape[-1]), delta.reshape(b, -1, delta.shape[-1])  # (B, tokens, feat)
+        return torch.einsum("bti,bto->boi", x, delta)
+    kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    if isinstance(module, torch.nn.Conv1d):  # as a 2-D conv of height 1
+        x, delta = x.unsqueeze(2), delta.unsqueeze(2)
+        kernel, dilation, padding, stride = (1, *kernel), (1, *dilation), (0, *padding), (1, *stride)
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    groups = module.groups
+    cols = cols.reshape(b, groups, -1, cols.shape[-1])  # input channels are contiguous per group
+    delta = delta.reshape(b, groups, -1, cols.shape[-1])
+    return torch.einsum("bgol,bgil->bgoi", delta, cols).reshape(b, *module.weight.shape)
+
+
+def _accumulate_per_sample(probe_gm, params, inputs, modules, sites, points, sums, config, gen) -> None:
+    out, acts = functional_call(probe_gm, params, inputs)
+    value = dict(zip(points, acts))
+    leaves = _differentiable_leaves(out)
+    if not leaves:
+        raise _no_output_dependence("weights")
+    outputs = list(dict.fromkeys(s.name for site_list in sites.values() for s in site_list))
+    for k in range(config.weight_probes):
+        grads = torch.autograd.grad(leaves, [value[o] for o in outputs],
+                                    grad_outputs=_draw_probes(leaves, config.probe, gen),
+                                    retain_graph=k < config.weight_probes - 1, allow_unused=True)
+        delta = dict(zip(outputs, grads))
+        for name, site_list in sites.items():
+            # A module called several times has one weight: its gradient is the sum over the calls.
+            parts = [_per_sample_weight_grad(modules[name], value[s.args[0].name].detach().float(),
+                                             delta[s.name].float())
+                     for s in site_list if delta[s.name] is not None]
+            if parts:
+                sums[name] += sum(parts).pow(2).sum(0)
+
+
+def _accumulate_batched(gm, params, inputs, names, sums, config, gen) -> None:
+    weights = {name: params[f"{name}.weight"].detach().requires_grad_() for name in names}
+    leaves = _differentiable_leaves(functional_call(
+        gm, {**params, **{f"{n}.weight": w for n, w in weights.items()}}, inputs))
+    if not leaves:
+        raise _no_output_dependence("weights")
+    for k in range(config.weight_probes):
+        grads = torch.autograd.grad(leaves, list(weights.values()),
+                                    grad_outputs=_draw_probes(leaves, config.probe, gen),
+                                    retain_graph=k < config.weight_probes - 1, allow_unused=True)
+        for name, g in zip(names, grads):
+            if g is not None:
+                sums[name] += g.detach().float().pow(2)
+
+
+def weight_hessian(gm: torch.fx.GraphModule, module_names: Sequence[str], calib: CalibSet,
+                   config: HessianConfig, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per-element E_n E_v (∂ vᵀf(x_n) / ∂W)² for each named module's ``.weight`` (same shape as the weight).
+
+    Uses the first ``weight_samples`` samples and ``weight_probes`` probes per sample. Works on detached
+    copies of the parameters in eval mode, so the user's parameters, requires_grad flags and training flags
+    are untouched. Linear / Conv1d / Conv2d get exact per-sample terms; other modules a batched estimate."""
+    names = list(module_names)
+    modules = dict(gm.named_modules())
+    params = {n: p.detach() for n, p in gm.named_parameters()}
+    for name in names:
+        if f"{name}.weight" not in params:
+            raise HessianError(f"Module {name!r} has no weight parameter; pass conv/linear module names.")
+    subset = CalibSet(calib.take(torch.arange(min(config.weight_samples, calib.n))))
+    key = None
+    if config.cache_dir is not None:
+        key = _cache_key("weight", gm, names, subset, config, seed, None)
+        hit = _cache_load(config, key)
+        if hit is not None:
+            return hit
+    start = time.perf_counter()
+    sites = {name: _call_sites(gm, name) for name in names}
+    exact = {name: sites[name] for name in names if _has_per_sample_rule(modules[name], sites[name])}
+    batched = [name for name in names if name not in exact]
+    if batched:
+        logger.info("weight Hessian of %s uses batched probes (noisier): no per-sample rule for them",
+                    batched)
+    # The probing graph exposes each call's input (for the outer product) and output (for the gradient).
+    calls = [s for site_list in exact.values() for s in site_list]
+    points = list(dict.fromkeys(n for s in calls for n in (s.args[0].name, s.name)))
+    probe_gm = _probe_module(gm, points) if exact else None
+    sums = {name: torch.zeros_like(params[f"{name}.weight"], dtype=torch.float32) for name in names}
+    device = _model_device(gm)
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = math.ceil(subset.n / config.batch_size)
+    with _eval_mode(gm), torch.enable_grad():
+        for _, inputs in tqdm(subset.batches(config.batch_size), total=n_batches, desc="weight Hessian",
+                              disable=not progress, leave=False):
+            if device is not None:
+                inputs = tuple(t.to(device) for t in inputs)
+            if exact:
+                _accumulate_per_sample(probe_gm, params, inputs, modules, exact, points, sums, config, gen)
+            if batched:
+                _accumulate_batched(gm, params, inputs, batched, sums, config, gen)
+    result = {name: (sums[name] / (subset.n * config.weight_probes)).cpu() for name in names}
+    zero = [n for n, h in result.items() if not bool((h != 0).any())]
+    if len(zero) == len(names):
+        raise HessianError("Every weight Hessian entry is zero: the model output does not depend on these "
+                           "weights.")
+    if zero:
+        logger.warning("weight Hessian is zero for %s: these modules do not influence the output.", zero)
+    logger.info("weight Hessian: %d modules, %d samples, %d probes, %.1f s", len(names), subset.n,
+                config.weight_probes, time.perf_counter() - start)
+    if key is not None:
+        _cache_store(config, key, result)
+    return result
