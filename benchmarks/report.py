@@ -1,0 +1,177 @@
+"""Outputs of benchmarks/compare.py: raw JSON, the "## Comparison" section of BENCHMARKS.md, a PNG plot."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+SECTION_TITLE = "## Comparison"
+DATASET_NAMES = {"cifar10": "CIFAR-10 (JPEG copy)", "fashion_mnist": "Fashion-MNIST"}
+METHOD_NOTES = {
+    "rtn": "eptq_fx, round-to-nearest (no reconstruction)",
+    "eptq": "eptq_fx, EPTQ (Hessian-weighted reconstruction)",
+    "eptq_fast": "eptq_fx, EPTQ fast preset (fewer reconstruction steps)",
+    "mct_ptq": "Sony MCT PTQ",
+    "mct_gptq": "Sony MCT GPTQ (MCT's EPTQ)",
+    "torchao_fx": "torch.ao FX static PTQ, x86 int8",
+    "torchao_pt2e": "torchao PT2E, X86InductorQuantizer",
+}
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for dist in ("torch", "model-compression-toolkit", "torchao", "torchvision"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": "none" if not torch.cuda.is_available() else "present",
+            "python": platform.python_version(), "versions": versions}
+
+
+def _key(row: dict) -> tuple:
+    return row.get("model"), row.get("method"), row.get("bits"), row.get("quick")
+
+
+def _merge(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:
+    new_keys = {_key(r) for r in new_rows}
+    return [r for r in old_rows if _key(r) not in new_keys] + new_rows
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _float_top1(rows: list[dict], model: str) -> float | None:
+    for r in rows:
+        if r["model"] == model and r["method"] == "float" and r.get("top1") is not None:
+            return r["top1"]
+    return None
+
+
+def _note(row: dict) -> str:
+    d = row.get("details") or {}
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('reason')}".replace("|", "/").replace("\n", " ")[:200]
+    if row["method"] == "mct_gptq" and "n_epochs" in d:
+        note = f"{d['n_epochs']} epochs x {d.get('steps_per_epoch')} steps"
+        if d.get("s_per_step"):
+            note += f", {d['s_per_step']:.2f} s/step"
+        return note
+    if row["method"] in ("eptq", "eptq_fast") and "iters" in d:
+        return f"{d['iters']} steps/block"
+    if row["method"] == "mct_ptq" and d.get("weight_bits_used"):
+        return f"MCT bits used: W{d['weight_bits_used']} A{d.get('act_bits_used')}"
+    return ""
+
+
+def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> str:
+    v = machine["versions"]
+    lines = [SECTION_TITLE, "",
+             "eptq_fx against its peers, each (model, method, bits) quantized in a fresh process from the same "
+             "float model with the same seeded calibration images, scored by top-1 on the test split. Time: "
+             "wall clock of the quantization call alone (no evaluation). Peak RSS: the whole process (model, "
+             "data, quantization, evaluation). Drop: float minus quantized, in points.", "",
+             f"Machine: {machine['cores']} CPU cores ({machine['cpu']}), no GPU; torch {v.get('torch')}, "
+             f"MCT {v.get('model-compression-toolkit')}, torchao {v.get('torchao')}.", "",
+             "Command" + ("s" if len(commands) > 1 else "") + ":", ""]
+    lines += [f"    {c}" for c in commands] + [""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        model_rows = [r for r in rows if r["model"] == model and r["method"] != "float"]
+        float_top1 = _float_top1(rows, model)
+        first = next(r for r in rows if r["model"] == model)
+        n_test = next((r.get("n_test") for r in rows if r["model"] == model and r.get("n_test")), None)
+        dataset = DATASET_NAMES.get(first.get("dataset"), first.get("dataset"))
+        float_text = f"{float_top1:.2f}%" if float_top1 is not None else "n/a"
+        lines += [f"### {model}: {dataset}, float top-1 {float_text}"
+                  f" ({n_test} test images, {first.get('n_calib')} calibration images"
+                  + (", quick smoke-test budgets" if first.get("quick") else "") + ")", "",
+                  "| bits | method | top-1 (%) | drop (pp) | time | peak RSS (MiB) | notes |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in model_rows:
+            top1 = r.get("top1")
+            drop = float_top1 - top1 if (top1 is not None and float_top1 is not None) else None
+            rss = r.get("peak_rss_mib")
+            lines.append(f"| {r['bits']} | {r['method']} | {'–' if top1 is None else f'{top1:.2f}'} | "
+                         f"{'–' if drop is None else f'{drop:+.2f}'} | {_fmt_seconds(r.get('quantize_s'))} | "
+                         f"{'–' if rss is None else f'{rss:.0f}'} | {_note(r)} |")
+        lines.append("")
+    lines += ["Methods: " + "; ".join(f"`{k}` = {v}" for k, v in METHOD_NOTES.items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with its "## Comparison" section (up to the next level-2 heading) replaced by ``section``;
+    appended when absent. Other sections are left exactly as they were."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
+    if start is None:
+        return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section.rstrip("\n") + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    new_lines = lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else []) + lines[end:]
+    return "\n".join(new_lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        float_top1 = _float_top1(rows, model)
+        quant = [r for r in rows if r["model"] == model and r["method"] != "float"]
+        bit_order = list(dict.fromkeys(r["bits"] for r in quant))
+        for method in dict.fromkeys(r["method"] for r in quant):
+            points = [(bit_order.index(r["bits"]), float_top1 - r["top1"]) for r in quant
+                      if r["method"] == method and r.get("top1") is not None and float_top1 is not None]
+            if points:
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, ys, marker="o", label=method)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(bit_order)), bit_order)
+        ax.set_xlabel("bit width")
+        ax.set_ylabel("top-1 drop vs float (points)")
+        ax.set_title(f"{model} (float {float_top1:.2f}%)" if float_top1 is not None else model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], command: str, stem: Path, markdown_path: str | None,
+                  merge: bool = False) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
+    commands = [command]
+    if merge and json_path.is_file():
+        old = json.loads(json_path.read_text())
+        rows = _merge(old.get("results", []), rows)
+        commands = [c for c in old.get("commands", []) if c != command] + commands
+    machine = machine_description()
+    json_path.write_text(json.dumps({"commands": commands, "machine": machine, "results": rows}, indent=1,
+                                    default=str))
+    written = [json_path]
+    plot(rows, png_path)
+    written.append(png_path)
+    if markdown_path is not None:
+        md = Path(markdown_path)
+        text = md.read_text() if md.is_file() else "# Benchmarks\n"
+        md.write_text(replace_section(text, markdown_section(rows, commands, machine)))
+        written.append(md)
+    return written
