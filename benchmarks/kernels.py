@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
@@ -111,47 +112,53 @@ def compile_seconds() -> tuple[float, float]:
     )
     with tempfile.TemporaryDirectory() as cache_dir:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=str(REPO))
-        run = lambda: float(subprocess.check_output([sys.executable, "-c", code], env=env, cwd=REPO))  # noqa: E731
-        return run(), run()
+        runs = [float(subprocess.check_output([sys.executable, "-c", code], env=env, cwd=REPO)) for _ in range(2)]
+        return runs[0], runs[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="runs per implementation (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of numba and torch (median reported)")
     parser.add_argument("--ref-repeats", type=int, default=3, help="runs of the slow numpy reference")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts for numba and torch")
     parser.add_argument("--write", action="store_true", help="replace the '## Kernels' section of BENCHMARKS.md")
     args = parser.parse_args()
+    thread_counts = [int(t) for t in args.threads.split(",")]
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    load_before = os.getloadavg()[0]
     weights = make_weights()
-    n_values = sum(w.size for w in weights)
+    tw = [torch.from_numpy(w) for w in weights]
     cold, warm = compile_seconds()
     search_weight_scale(weights[0], BITS)  # warm-up: compilation / cache load excluded from the timing
 
-    t_numba, s_numba = timed(lambda: [search_weight_scale(w, BITS) for w in weights], args.repeats)
-    tw = [torch.from_numpy(w) for w in weights]
-    t_t32, _ = timed(lambda: [torch_search_weight_scale(w, BITS, torch.float32) for w in tw], args.repeats)
-    t_t64, _ = timed(lambda: [torch_search_weight_scale(w, BITS, torch.float64) for w in tw], args.repeats)
+    rows, s_numba, s_torch = [], None, {}
+    for n in thread_counts:
+        numba.set_num_threads(n)
+        torch.set_num_threads(n)
+        t, s_numba = timed(lambda: [search_weight_scale(w, BITS) for w in weights], args.repeats)
+        rows.append((f"numba kernel (`search_weight_scale`), {n} thread(s)", t, args.repeats))
+        for dtype in (torch.float32, torch.float64):
+            t, s_t = timed(lambda d=dtype: [torch_search_weight_scale(w, BITS, d) for w in tw], args.repeats)
+            s_torch[str(dtype)[6:]] = [x.numpy() for x in s_t]
+            rows.append((f"torch vectorised, {str(dtype)[6:]}, {n} thread(s)", t, args.repeats))
     t_ref, s_ref = timed(lambda: [search_weight_scale_ref(w, BITS) for w in weights], args.ref_repeats)
+    rows.insert(0, ("numpy reference (`search_weight_scale_ref`), 1 thread", t_ref, args.ref_repeats))
 
-    same = sum(int((a == b).sum()) for a, b in zip(s_numba, s_ref))
     n_ch = sum(w.shape[0] for w in weights)
     worst = max(
         float(np.max(weight_error_ref(w, a, BITS) / weight_error_ref(w, b, BITS)))
         for w, a, b in zip(weights, s_numba, s_ref)
     )
-    rows = [
-        ("numba kernel (`search_weight_scale`)", t_numba, args.repeats),
-        ("numpy reference (`search_weight_scale_ref`)", t_ref, args.ref_repeats),
-        ("torch, vectorised, float32", t_t32, args.repeats),
-        ("torch, vectorised, float64", t_t64, args.repeats),
-    ]
+
+    def agree(scales: list[np.ndarray]) -> int:
+        return sum(int((a == b).sum()) for a, b in zip(scales, s_numba))
+
     lines = [
         SECTION,
         "",
         f"Per-channel MSE weight-scale search over ResNet-18-shaped weights ({len(weights)} layers, "
-        f"{n_values / 1e6:.2f} M values, {n_ch} channels, random normal, seed 0), {BITS}-bit, "
-        f"{N_GRID}-point grid on [{MIN_RATIO}, 1] + {N_GRID}-point refinement.",
+        f"{sum(w.size for w in weights) / 1e6:.2f} M values, {n_ch} channels, random normal, seed 0), "
+        f"{BITS}-bit, {N_GRID}-point grid on [{MIN_RATIO}, 1] + {N_GRID}-point refinement.",
         "",
         "| implementation | median seconds | runs | speed-up vs numpy reference |",
         "|---|---:|---:|---:|",
@@ -161,13 +168,17 @@ def main() -> None:
         "",
         f"- numba first call in a fresh process: {cold:.2f} s with an empty cache (compilation), "
         f"{warm:.2f} s with the on-disk cache (`cache=True`); both excluded from the table.",
-        f"- numba vs reference: identical scale on {same}/{n_ch} channels; worst per-channel error ratio "
-        f"kernel/reference {worst:.8f}.",
-        f"- Command: `python -m benchmarks.kernels --repeats {args.repeats} --ref-repeats {args.ref_repeats}` "
-        "(from the repository root; `--write` updates this section).",
+        f"- numba vs reference: identical scale on {agree(s_ref)}/{n_ch} channels; worst per-channel error ratio "
+        f"kernel/reference {worst:.8f}. The torch versions pick the kernel's scale on "
+        + ", ".join(f"{agree(v)}/{n_ch} ({k})" for k, v in s_torch.items())
+        + " channels (float32 torch divides and sums in float32; torch breaks ties by argmin order).",
+        f"- Command: `python -m benchmarks.kernels --repeats {args.repeats} --ref-repeats {args.ref_repeats} "
+        f"--threads {args.threads}` (from the repository root; `--write` updates this section).",
         f"- Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU; "
-        f"numba {__import__('numba').__version__} with {__import__('numba').get_num_threads()} threads, "
-        f"torch {torch.__version__} with {torch.get_num_threads()} threads, numpy {np.__version__}.",
+        f"numba {numba.__version__} ({numba.threading_layer()} threading layer), torch {torch.__version__}, "
+        f"numpy {np.__version__}. The cores were shared with other jobs (1-minute load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after the run): absolute times are pessimistic "
+        "and the 2-thread rows suffer most, because a thread waiting at a barrier loses whole time slices.",
         "",
     ]
     text = "\n".join(lines)

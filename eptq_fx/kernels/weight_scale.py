@@ -24,6 +24,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..errors import KernelInputError
 from .common import (
     MIN_SCALE,
     ZERO_RANGE_SCALE,
@@ -32,7 +33,6 @@ from .common import (
     check_positive_finite,
     signed_range,
 )
-from ..errors import KernelInputError
 
 _F32_MAX = float(np.finfo(np.float32).max)
 

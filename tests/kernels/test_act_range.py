@@ -117,8 +117,7 @@ def test_degenerate_and_edge_inputs(scheme):
 
 def test_negative_only_inputs():
     x = np.array([-3.0, -1.0, -0.25], np.float32)
-    scale, zp = search_act_range(x, 8, "asymmetric")
-    assert zp == 255  # the whole range lies below zero
+    assert search_act_range(x, 8, "asymmetric")[1] == 255  # the whole range lies below zero
     assert search_act_range(x, 8, "unsigned") == (1.0, 0)  # nothing above zero: everything clips to 0
     assert minmax_act_range(-2.0, -1.0, 8, "asymmetric") == (float(np.float32(2 / 255)), 255)
     sym = search_act_range(x, 4, "symmetric")
