@@ -37,7 +37,7 @@ _CACHE_FORMAT = 1  # bump when the stored layout or the estimator changes
 _CONSECUTIVE_CONVERGED = 3  # probes in a row whose relative change must stay below tol
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                      operator.ilshift, operator.irshift, operator.imatmul}
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _probe_module(gm: torch.fx.GraphModule, compare_points: Sequence[str]) -> to
 def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     """Eval mode (independent samples, no BatchNorm statistics updates), then the user's flags back."""
     flags = [(m, m.training) for m in module.modules()]
-    if any(f for _, f in flags):
+    if any(f for m, f in flags if m is not module):  # a traced root's own flag changes nothing
         logger.info("model is in training mode; the Hessian is computed in eval mode")
     module.eval()
     try:
@@ -317,11 +317,13 @@ def _check_scores(scores: torch.Tensor, names: Sequence[str]) -> None:
 #
 # E_v (∂ vᵀf(x_n)/∂W)² must be averaged per sample. A batched backward gives (Σ_n g_n)², which has the right
 # mean (the cross terms vanish in expectation) but keeps them as noise: the batch then counts as one draw, not
-# as N. For Linear / Conv1d / Conv2d the per-sample weight gradient is a cheap outer product of the layer's
-# input and the gradient at its output, so those get exact per-sample terms from one batched backward; other
-# module types fall back to the batched estimate.
+# as N. For Linear / Conv1d-3d the per-sample weight gradient follows cheaply from the layer's input and the
+# gradient at its output, so those get exact per-sample terms from one batched backward; other
+# module types (and convs with string padding or non-zero padding modes) fall back to the batched estimate.
 
-_PER_SAMPLE_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+_CONV_WEIGHT_GRAD = {torch.nn.Conv1d: torch.nn.grad.conv1d_weight,
+                     torch.nn.Conv2d: torch.nn.grad.conv2d_weight,
+                     torch.nn.Conv3d: torch.nn.grad.conv3d_weight}
 
 
 def _call_sites(gm: torch.fx.GraphModule, name: str) -> list[torch.fx.Node]:
@@ -329,30 +331,29 @@ def _call_sites(gm: torch.fx.GraphModule, name: str) -> list[torch.fx.Node]:
 
 
 def _has_per_sample_rule(module: torch.nn.Module, sites: list[torch.fx.Node]) -> bool:
-    if not isinstance(module, _PER_SAMPLE_TYPES) or not sites:
+    # Exact types only: a subclass may have its own forward.
+    kind = type(module)
+    if not sites or (kind is not torch.nn.Linear and kind not in _CONV_WEIGHT_GRAD):
         return False
-    if isinstance(module, torch.nn.Linear):
-        pass
-    elif isinstance(module.padding, str) or module.padding_mode != "zeros":  # unfold needs explicit zeros
-        return False
+    if kind in _CONV_WEIGHT_GRAD and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
+        return False  # 'same' may pad asymmetrically, other modes pad with data: no plain weight-grad call
     return all(len(s.args) == 1 and not s.kwargs and isinstance(s.args[0], torch.fx.Node) for s in sites)
 
 
 def _per_sample_weight_grad(module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """(B, *weight.shape): each sample's gradient of the weight, from the layer input and output gradient."""
     b = x.shape[0]
-    if isinstance(module, torch.nn.Linear):
+    if type(module) is torch.nn.Linear:
         x, delta = x.reshape(b, -1, x.shape[-1]), delta.reshape(b, -1, delta.shape[-1])  # (B, tokens, feat)
-        return torch.einsum("bti,bto->boi", x, delta)
-    kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
-    if isinstance(module, torch.nn.Conv1d):  # as a 2-D conv of height 1
-        x, delta = x.unsqueeze(2), delta.unsqueeze(2)
-        kernel, dilation, padding, stride = (1, *kernel), (1, *dilation), (0, *padding), (1, *stride)
-    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    groups = module.groups
-    cols = cols.reshape(b, groups, -1, cols.shape[-1])  # input channels are contiguous per group
-    delta = delta.reshape(b, groups, -1, cols.shape[-1])
-    return torch.einsum("bgol,bgil->bgoi", delta, cols).reshape(b, *module.weight.shape)
+        return torch.bmm(delta.transpose(1, 2), x)
+    # Folding the batch into the channel groups turns B convolutions into one grouped one, whose weight
+    # gradient is the stack of the per-sample gradients.
+    weight = module.weight
+    grad = _CONV_WEIGHT_GRAD[type(module)](
+        x.reshape(1, -1, *x.shape[2:]), (b * weight.shape[0], *weight.shape[1:]),
+        delta.reshape(1, -1, *delta.shape[2:]), stride=module.stride, padding=module.padding,
+        dilation=module.dilation, groups=b * module.groups)
+    return grad.reshape(b, *weight.shape)
 
 
 def _accumulate_per_sample(probe_gm, params, inputs, modules, sites, points, sums, config, gen) -> None:
@@ -397,7 +398,7 @@ def weight_hessian(gm: torch.fx.GraphModule, module_names: Sequence[str], calib:
 
     Uses the first ``weight_samples`` samples and ``weight_probes`` probes per sample. Works on detached
     copies of the parameters in eval mode, so the user's parameters, requires_grad flags and training flags
-    are untouched. Linear / Conv1d / Conv2d get exact per-sample terms; other modules a batched estimate."""
+    are untouched. Linear / Conv1d-3d get exact per-sample terms; other modules a batched estimate."""
     names = list(module_names)
     modules = dict(gm.named_modules())
     params = {n: p.detach() for n, p in gm.named_parameters()}

@@ -458,6 +458,24 @@ def test_weight_hessian_conv_kinds_and_batched_fallback(caplog):
         assert name == "head" or float(z.abs().max()) < 5, name  # head: one output per row, checked exact
 
 
+class Volume(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), nn.Linear(3 * 4 * 2 * 4, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_weight_hessian_conv3d_per_sample():
+    gm = _traced(Volume())
+    x = torch.randn(12, 2, 3, 3, 3, generator=torch.Generator().manual_seed(10))
+    config = HessianConfig(cache_dir=None, batch_size=5, weight_samples=12, weight_probes=32)
+    result = weight_hessian(gm, ["conv"], CalibSet((x,)), config, progress=False)
+    exact, std = _exact_weight_stats(gm, x, "conv")
+    assert float(_weight_z(result["conv"], exact, std, 12, 32).abs().max()) < 5
+
+
 def test_weight_hessian_rejects_module_without_weight():
     gm = _traced(TwoLayer())
     with pytest.raises(HessianError, match="nope"):
