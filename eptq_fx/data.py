@@ -67,7 +67,8 @@ def _as_args(batch, input_names: Sequence[str], batch_no: int) -> tuple[torch.Te
             )
         return tuple(batch[n] for n in input_names)
     if isinstance(batch, (tuple, list)):
-        return tuple(batch)
+        # (inputs, labels) pairs from a DataLoader: the model inputs come first, the rest is not ours to use
+        return tuple(batch[:len(input_names)]) if len(batch) > len(input_names) else tuple(batch)
     raise CalibrationDataError(
         f"Calibration batch {batch_no} is a {type(batch).__name__}; give tensors, tuples of tensors or dicts."
     )
@@ -76,8 +77,7 @@ def _as_args(batch, input_names: Sequence[str], batch_no: int) -> tuple[torch.Te
 def _check_batch(args: tuple, n_inputs: int, batch_no: int, reference: tuple | None) -> None:
     if len(args) != n_inputs:
         raise CalibrationDataError(
-            f"Calibration batch {batch_no} has {len(args)} input(s) but the model takes {n_inputs}; "
-            f"pass (inputs,) only, without labels, or set forward_fn."
+            f"Calibration batch {batch_no} has {len(args)} input(s) but the model takes {n_inputs}."
         )
     for j, t in enumerate(args):
         if not isinstance(t, torch.Tensor):

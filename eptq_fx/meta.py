@@ -16,6 +16,8 @@ COMPARE_POINT = "eptq_fx.compare_point"
 INSERTED = "eptq_fx.inserted"
 # On every node that belongs to a reconstruction block: the block index (topological order).
 BLOCK = "eptq_fx.block"
+# On the GraphModule (gm.meta, not node.meta): the list of schedule Blocks, in topological order.
+BLOCKS = "eptq_fx.blocks"
 # On a conv/linear node that absorbed a BatchNorm: the BN's qualified name (for logs and tests).
 FOLDED_BN = "eptq_fx.folded_bn"
 

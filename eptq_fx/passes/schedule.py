@@ -44,12 +44,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import ConfigError
-from ..meta import BLOCK, COMPARE_POINT
+from ..meta import BLOCK, BLOCKS, COMPARE_POINT
 
 logger = logging.getLogger(__name__)
 
 # Key in ``gm.meta`` under which schedule_blocks stores the list of Blocks.
-BLOCKS = "eptq_fx.blocks"
 
 GRANULARITIES = ("layer", "block", "network")
 _NON_COMPUTE = ("placeholder", "get_attr", "output")

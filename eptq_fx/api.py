@@ -1,0 +1,102 @@
+"""The public pipeline: capture → prepare → calibrate → reconstruct → convert (→ export), and ``quantize``,
+which runs all of it. Shaped like PT2E's prepare/convert; every stage returns a GraphModule."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .calibrate import CONFIG_KEY, calibrate, init_weight_scales_, input_names
+from .capture import capture, unwrap
+from .config import EPTQConfig
+from .data import materialize
+from .errors import ConfigError, ModelError
+from .passes.annotate import annotate, modularize_functional_ops
+from .passes.convert import convert
+from .passes.fold_bn import fold_batchnorm
+from .passes.insert_qdq import compare_points, insert_qdq, weight_ops
+
+logger = logging.getLogger(__name__)
+
+
+def _check_weights_finite(gm: fx.GraphModule) -> None:
+    for name, p in gm.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelError(f"Parameter {name!r} contains NaN or Inf; fix the checkpoint before quantizing.")
+
+
+def _model_device(module: nn.Module) -> torch.device | None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return None
+
+
+def prepare(model: nn.Module, config: EPTQConfig = EPTQConfig(), example_inputs: tuple | None = None,
+            **capture_kwargs) -> fx.GraphModule:
+    """Capture (if needed), fold BatchNorm, annotate and insert fake-quantizers; weight thresholds are set from
+    the weights. The result observes activations until ``calibrate`` runs."""
+    if not isinstance(config, EPTQConfig):
+        raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
+    gm = capture(model, example_inputs, **capture_kwargs)
+    _check_weights_finite(gm)
+    fold_batchnorm(gm)
+    modularize_functional_ops(gm)
+    if example_inputs is not None:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)  # dtypes let annotate skip integer tensors
+    annotate(gm, config)
+    insert_qdq(gm, power_of_two=config.power_of_two, seed=config.seed)
+    init_weight_scales_(gm, config)
+    gm.meta[CONFIG_KEY] = config
+    return gm
+
+
+def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), example_inputs: tuple | None = None,
+             *, leaf_modules: Sequence = (), concrete_args: dict | None = None,
+             resume_dir: str | None = None, progress: bool = True, return_prepared: bool = False) -> fx.GraphModule:
+    """Quantize ``model`` with ``config`` and return a GraphModule with Q/DQ ops and integer weights.
+
+    ``calib_data``: a tensor of inputs (samples on dim 0), an iterable of batches (tensors, tuples, dicts; a
+    DataLoader); labels after the model inputs in a tuple batch are ignored. ``model`` may also be a GraphModule from ``capture`` (for models needing leaf
+    modules). ``method="rtn"`` stops after calibration; ``"eptq"`` runs Hessian-weighted reconstruction.
+    ``resume_dir`` keeps per-block checkpoints so an interrupted run continues where it stopped.
+    """
+    if not isinstance(config, EPTQConfig):
+        raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
+    t0 = time.perf_counter()
+    gm = capture(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    names = input_names(gm)
+    calib = materialize(calib_data, names, max_samples=config.n_calib)
+    device = _model_device(unwrap(model))
+    data_device = calib.tensors[0].device
+    if device is not None and device != data_device:
+        raise ModelError(f"The model is on {device} but the calibration data is on {data_device}; "
+                         f"move one of them (e.g. model.to('{data_device}')).")
+    example = calib.take(torch.arange(min(2, calib.n)))
+    try:
+        with torch.no_grad():
+            gm(*example)
+    except Exception as e:
+        from .errors import CalibrationDataError
+        raise CalibrationDataError(
+            f"The model fails on the calibration data ({type(e).__name__}: {e}); check its shape and dtype "
+            f"(got {[(tuple(t.shape), str(t.dtype)) for t in calib.tensors]})."
+        ) from e
+    prepared = prepare(gm, config, example_inputs=example)
+    if not weight_ops(prepared) and not compare_points(prepared):
+        logger.warning("the model has no quantizable layer (conv / linear / matmul): returning it in float")
+        return gm
+    if calib.n < config.n_calib:
+        logger.info("using %d calibration samples (config.n_calib=%d)", calib.n, config.n_calib)
+    calibrate(prepared, calib, config=config, progress=progress)
+    if config.method == "eptq":
+        from .reconstruct import reconstruct
+        reconstruct(prepared, calib, config, resume_dir=resume_dir, progress=progress)
+    logger.info("quantized (%s, W%dA%d) in %.1f s", config.method, config.weight_bits, config.act_bits,
+                time.perf_counter() - t0)
+    return prepared if return_prepared else convert(prepared)

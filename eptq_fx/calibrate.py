@@ -1,0 +1,124 @@
+"""Calibration: weight thresholds from the weights (max, MSE or Hessian-weighted MSE), activation ranges from
+observed data (min/max or MSE)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from . import kernels
+from .config import EPTQConfig
+from .data import CalibSet, materialize
+from .errors import CalibrationDataError
+from .passes.insert_qdq import act_quantizers, weight_ops
+from .quantizers import weight_as_rows
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "eptq_fx.config"  # gm.meta: the EPTQConfig the graph was prepared with
+
+
+def input_names(gm: fx.GraphModule) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def init_weight_scales_(gm: fx.GraphModule, config: EPTQConfig,
+                        weight_hessian: dict[str, torch.Tensor] | None = None) -> None:
+    """Choose each weight op's per-channel threshold. ``weight_hessian`` (per-element, same shape as the weight)
+    turns the MSE search into the Hessian-weighted (HMSE) one."""
+    for name, op in weight_ops(gm).items():
+        wq = op.weight_quant
+        rows = weight_as_rows(op.weight.detach().cpu(), wq.axis).numpy().astype(np.float32)
+        if config.weight_range == "minmax":
+            scale = kernels.minmax_weight_scale(rows, wq.bits)
+            if config.power_of_two:
+                scale = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
+        else:
+            h = None
+            if weight_hessian is not None and name in weight_hessian:
+                h = weight_as_rows(weight_hessian[name].detach().cpu(), wq.axis).numpy().astype(np.float32)
+                h = h / max(float(h.max()), 1e-30)  # scale-free: only the relative weighting matters
+            scale = kernels.search_weight_scale(rows, wq.bits, weights=h, n_grid=config.n_grid,
+                                                power_of_two=config.power_of_two)
+        wq.set_scale_(scale)
+
+
+def set_weight_mode_(gm: fx.GraphModule, mode: str) -> None:
+    for op in weight_ops(gm).values():
+        if op.weight_quant.mode in ("soft", "hard") and mode == "round":
+            continue  # a decided rounding is not undone by switching quantization back on
+        op.weight_quant.mode = mode
+
+
+def set_act_mode_(gm: fx.GraphModule, mode: str) -> None:
+    for q in act_quantizers(gm).values():
+        q.mode = mode
+
+
+class quant_disabled:
+    """Context manager: run a prepared graph in float (the reference the method matches)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def __enter__(self):
+        self.saved = [(op.weight_quant, op.weight_quant.mode) for op in weight_ops(self.gm).values()]
+        self.saved += [(q, q.mode) for q in act_quantizers(self.gm).values()]
+        for q, _ in self.saved:
+            q.mode = "off"
+        return self.gm
+
+    def __exit__(self, *exc):
+        for q, mode in self.saved:
+            q.mode = mode
+        return False
+
+
+@torch.no_grad()
+def calibrate(prepared: fx.GraphModule, calib_data, forward_fn: Callable | None = None,
+              config: EPTQConfig | None = None, progress: bool = True) -> fx.GraphModule:
+    """Observe activations on ``calib_data`` and set every activation range (in place; returns the graph).
+
+    ``calib_data``: a tensor, an iterable of batches (tensors, tuples or dicts; a DataLoader works) or a
+    ``CalibSet``. ``forward_fn(model, batch)`` replaces the default call for batches of another shape (e.g.
+    ``(images, labels)`` pairs). Observation runs the float model so every range sees unclipped data.
+    """
+    config = config or prepared.meta.get(CONFIG_KEY) or EPTQConfig()
+    aqs = act_quantizers(prepared)
+    set_act_mode_(prepared, "observe")
+    saved = {name: op.weight_quant.mode for name, op in weight_ops(prepared).items()}
+    set_weight_mode_(prepared, "off")
+    seen = 0
+    try:
+        if forward_fn is not None:
+            for batch in tqdm(calib_data, desc="calibrate", disable=not progress, leave=False):
+                forward_fn(prepared, batch)
+                seen += 1
+        else:
+            calib = calib_data if isinstance(calib_data, CalibSet) else \
+                materialize(calib_data, input_names(prepared), max_samples=config.n_calib)
+            n_batches = -(-calib.n // config.calib_batch_size)
+            for _, args in tqdm(calib.batches(config.calib_batch_size), total=n_batches, desc="calibrate",
+                                disable=not progress, leave=False):
+                prepared(*args)
+                seen += 1
+        if seen == 0:
+            raise CalibrationDataError("Calibration data is empty: give at least one batch of model inputs.")
+        unseen = [name for name, q in aqs.items() if not q.observed()]
+        if unseen:
+            raise CalibrationDataError(f"Calibration never reached the activation quantizer(s) {unseen}.")
+        for q in aqs.values():
+            q.finalize_(config.act_range, config.n_grid)
+    finally:
+        for name, op in weight_ops(prepared).items():
+            op.weight_quant.mode = saved[name] if saved[name] != "off" else "round"
+        for q in aqs.values():
+            if q.mode == "observe":  # failed midway: leave the graph in float rather than half-observed
+                q.mode = "off"
+    logger.info("calibrated %d activation quantizers on %d batches (%s ranges)", len(aqs), seen,
+                config.act_range)
+    return prepared

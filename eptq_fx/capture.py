@@ -1,0 +1,87 @@
+"""Capture: trace a copy of the user's model into a ``torch.fx.GraphModule``."""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import ModelError, TraceError
+
+logger = logging.getLogger(__name__)
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that treats chosen module types/names as leaves and remembers where it is, so a failure can name
+    the module that broke tracing."""
+
+    def __init__(self, leaf_modules: Sequence[type | str], autowrap_functions: Sequence[Callable]):
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.stack: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self.stack.append((qualname, type(m).__name__))
+        out = super().call_module(m, forward, args, kwargs)
+        self.stack.pop()
+        return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DataParallel / DistributedDataParallel wrappers."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+def capture(model: nn.Module, example_inputs: tuple | None = None, leaf_modules: Sequence[type | str] = (),
+            concrete_args: dict | None = None, autowrap_functions: Sequence[Callable] = ()) -> fx.GraphModule:
+    """Trace a deep copy of ``model`` (in eval mode) into a GraphModule; the user's model is never mutated.
+
+    ``leaf_modules``: module classes or qualified names kept as opaque calls (for code fx cannot trace);
+    ``concrete_args``: forward arguments fixed to constants (e.g. flags that drive Python control flow).
+    ``example_inputs`` (optional) are run once through the traced graph to check it works on real data.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"capture needs an nn.Module, got {type(model).__name__}.")
+    if isinstance(model, fx.GraphModule):
+        gm = copy.deepcopy(model)
+        gm.eval()
+        return gm
+    model = unwrap(model)
+    if model.training:
+        logger.info("model is in training mode: tracing a copy in eval mode (your model is left as it was)")
+    root = copy.deepcopy(model).eval()
+    tracer = _Tracer(leaf_modules, autowrap_functions)
+    try:
+        graph = tracer.trace(root, concrete_args=concrete_args)
+    except Exception as e:  # fx raises many types (TraceError, TypeError, AttributeError, ...)
+        where = tracer.stack[-1] if tracer.stack else ("", type(root).__name__)
+        name = where[0] or "<root>"
+        raise TraceError(
+            f"torch.fx could not trace module {name!r} ({where[1]}): {type(e).__name__}: {e}. "
+            f"Pass leaf_modules=[{where[1]}] (or its name {name!r}) to keep it as an opaque call, or "
+            f"concrete_args={{...}} to fix the inputs that drive its Python control flow."
+        ) from e
+    gm = fx.GraphModule(tracer.root, graph, type(root).__name__)
+    gm.eval()
+    if example_inputs is not None:
+        with torch.no_grad():
+            try:
+                gm(*example_inputs)
+            except Exception as e:
+                raise TraceError(
+                    f"The traced graph fails on example_inputs: {type(e).__name__}: {e}. Python control flow that "
+                    f"depends on input values was frozen during tracing; mark that module as a leaf."
+                ) from e
+    return gm

@@ -1,0 +1,242 @@
+"""Fake-quantization modules inserted by ``insert_qdq``.
+
+``QuantWeightOp`` wraps a conv / linear module and quantizes its weight per output channel (symmetric);
+``ActQuantizer`` quantizes one activation tensor per tensor. Both have a small set of modes so the same prepared
+graph serves calibration (observe), the float reference (off), round-to-nearest and reconstruction (soft rounding).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from .meta import ActQuant
+
+WEIGHT_OPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
+              nn.ConvTranspose3d)
+# Most values an observer keeps per quantizer for the MSE range search (a seeded random subset beyond that).
+MAX_OBSERVED = 1 << 20
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def act_range(bits: int, scheme: str) -> tuple[int, int]:
+    return signed_range(bits) if scheme == "symmetric" else (0, (1 << bits) - 1)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward, gradient multiplied by ``factor`` (LSQ's step-size gradient scaling)."""
+    return x * factor + (x - x * factor).detach()
+
+
+def rectified_sigmoid(v: torch.Tensor, gamma: float, zeta: float) -> torch.Tensor:
+    """AdaRound's h(V) = clip(σ(V)(ζ−γ)+γ, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def channel_axis(module: nn.Module) -> int:
+    """Output-channel axis of the module's weight (ConvTranspose stores (in, out/groups, ...))."""
+    return 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+
+
+def weight_as_rows(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """(C_out, K) view of a weight for per-output-channel kernels."""
+    return w.transpose(0, axis).reshape(w.shape[axis], -1) if axis else w.reshape(w.shape[0], -1)
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric per-output-channel weight quantizer with round-to-nearest and AdaRound soft-rounding modes.
+
+    Modes: ``off`` (float), ``round`` (RTN, STE), ``soft`` (s·clip(⌊w/s₀⌋ + h(V)) with V trained), ``hard``
+    (the soft rounding decided: h(V) ≥ 0.5). In soft/hard modes the integer base ⌊w/s₀⌋ is frozen at the
+    scale s₀ where soft rounding started, so a trained scale s only rescales the grid.
+    """
+
+    def __init__(self, bits: int, n_channels: int, axis: int, weight_ndim: int):
+        super().__init__()
+        self.bits, self.axis = bits, axis
+        self.qmin, self.qmax = signed_range(bits)
+        self.mode = "round"
+        self.scale = nn.Parameter(torch.ones(n_channels), requires_grad=False)
+        self.register_buffer("w_floor", torch.empty(0))
+        self.alpha: nn.Parameter | None = None
+        self.gamma, self.zeta = -0.1, 1.1
+        shape = [1] * weight_ndim
+        shape[axis] = n_channels
+        self._bshape = tuple(shape)
+
+    def _s(self) -> torch.Tensor:
+        return self.scale.view(self._bshape)
+
+    def set_scale_(self, scale: np.ndarray | torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
+
+    def init_soft_(self, w: torch.Tensor, gamma: float, zeta: float) -> None:
+        """Start soft rounding: freeze ⌊w/s⌋ and set V so that h(V) equals the fractional part."""
+        self.gamma, self.zeta = gamma, zeta
+        with torch.no_grad():
+            ws = w / self._s()
+            self.w_floor = torch.floor(ws)
+            frac = (ws - self.w_floor).clamp(0.01, 0.99)  # keep the logit finite
+            v = -torch.log((zeta - gamma) / (frac - gamma) - 1.0)
+        self.alpha = nn.Parameter(v)
+        self.mode = "soft"
+
+    def soft_h(self) -> torch.Tensor:
+        assert self.alpha is not None
+        return rectified_sigmoid(self.alpha, self.gamma, self.zeta)
+
+    def harden_(self) -> None:
+        if self.mode == "soft":
+            self.mode = "hard"
+
+    def int_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """Integer codes (int32) the current mode stands for."""
+        with torch.no_grad():
+            if self.mode in ("soft", "hard"):
+                assert self.alpha is not None
+                q = self.w_floor + (self.alpha >= 0).to(w.dtype)
+            else:
+                q = torch.round(w / self._s())
+            return q.clamp(self.qmin, self.qmax).to(torch.int32)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return w
+        s = self._s()
+        if self.mode == "round":
+            return torch.clamp(round_ste(w / s), self.qmin, self.qmax) * s
+        assert self.alpha is not None
+        h = self.soft_h() if self.mode == "soft" else (self.alpha >= 0).to(w.dtype)
+        return torch.clamp(self.w_floor + h, self.qmin, self.qmax) * s
+
+
+class QuantWeightOp(nn.Module):
+    """A conv / linear module whose weight goes through a ``WeightQuantizer`` (bias stays float)."""
+
+    def __init__(self, module: nn.Module, bits: int):
+        super().__init__()
+        if not isinstance(module, WEIGHT_OPS):
+            raise TypeError(f"QuantWeightOp cannot wrap {type(module).__name__}")
+        self.op = module
+        axis = channel_axis(module)
+        w = module.weight
+        self.weight_quant = WeightQuantizer(bits, w.shape[axis], axis, w.dim())
+        if module.bias is None:  # reconstruction may train a bias; an all-zero one changes nothing
+            module.bias = nn.Parameter(torch.zeros(w.shape[axis], dtype=w.dtype, device=w.device))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.op.weight
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quant(self.op.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op, w = self.op, self.quantized_weight()
+        if isinstance(op, nn.Linear):
+            return F.linear(x, w, op.bias)
+        if isinstance(op, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[w.dim() - 2]
+            return fn(x, w, op.bias, op.stride, op.padding, op.output_padding, op.groups, op.dilation)
+        return op._conv_forward(x, w, op.bias)
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake-quantizer.
+
+    Modes: ``observe`` (pass-through, records min/max and a seeded subset of values), ``off`` and ``on``.
+    When on, ``float_mix`` p blends float back in (p·x + (1−p)·Q(x), used to phase quantization in), and
+    ``drop_prob`` keeps each element in float with that probability during training (QDrop).
+    """
+
+    def __init__(self, spec: ActQuant, power_of_two: bool = False, seed: int = 0):
+        super().__init__()
+        self.bits, self.scheme, self.power_of_two = spec.bits, spec.scheme, power_of_two
+        self.qmin, self.qmax = act_range(spec.bits, spec.scheme)
+        self.mode = "observe"
+        self.float_mix = 0.0
+        self.drop_prob = 0.0
+        self.train_scale = False
+        self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_buffer("obs_min", torch.tensor(math.inf))
+        self.register_buffer("obs_max", torch.tensor(-math.inf))
+        self._samples: list[torch.Tensor] = []
+        self._n_seen = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    # -- calibration ---------------------------------------------------------------------------------------
+    def _observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        self.obs_min = torch.minimum(self.obs_min, x.min().cpu())
+        self.obs_max = torch.maximum(self.obs_max, x.max().cpu())
+        # keep a fixed share of every batch so the kept sample is spread over the whole calibration set
+        keep = min(x.numel(), max(1, MAX_OBSERVED // 64))
+        if keep < x.numel():
+            idx = torch.randperm(x.numel(), generator=self._gen)[:keep]
+            x = x.cpu()[idx]
+        self._samples.append(x.cpu())
+        self._n_seen += x.numel()
+        if self._n_seen > 2 * MAX_OBSERVED:  # thin out: keep every other value
+            flat = torch.cat(self._samples)[::2]
+            self._samples, self._n_seen = [flat], flat.numel()
+
+    def observed(self) -> bool:
+        return bool(torch.isfinite(self.obs_min))
+
+    def finalize_(self, method: str, n_grid: int) -> None:
+        """Set scale / zero point from what was observed (``minmax`` or ``mse``), then switch on."""
+        if not self.observed():
+            raise RuntimeError("ActQuantizer.finalize_ called before any calibration batch was observed")
+        if method == "minmax":
+            scale, zp = kernels.minmax_act_range(float(self.obs_min), float(self.obs_max), self.bits, self.scheme)
+        else:
+            x = torch.cat(self._samples).numpy().astype(np.float32)
+            scale, zp = kernels.search_act_range(x, self.bits, self.scheme, n_grid=n_grid)
+        if self.power_of_two:
+            scale = 2.0 ** math.ceil(math.log2(scale))
+        with torch.no_grad():
+            self.scale.fill_(float(scale))
+            self.zero_point.fill_(float(zp))
+        self._samples, self._n_seen = [], 0
+        self.mode = "on"
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale
+        if self.train_scale:
+            s = grad_scale(s, 1.0 / math.sqrt(max(1, x[0].numel()) * self.qmax))
+        # x·(1/s), not x/s: the same arithmetic as quantized_decomposed.quantize_per_tensor, so convert matches
+        q = torch.clamp(round_ste(x * (1.0 / s)) + self.zero_point, self.qmin, self.qmax)
+        return (q - self.zero_point) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self._observe(x)
+            return x
+        if self.mode == "off":
+            return x
+        xq = self.fake_quant(x)
+        if self.float_mix > 0.0:
+            xq = self.float_mix * x + (1.0 - self.float_mix) * xq
+        if self.drop_prob > 0.0 and self.training:
+            keep_float = torch.rand(x.shape, generator=self._gen, device="cpu").to(x.device) < self.drop_prob
+            xq = torch.where(keep_float, x, xq)
+        return xq
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, scheme={self.scheme}, mode={self.mode}, scale={float(self.scale):.4g}, " \
+               f"zero_point={int(self.zero_point)}"

@@ -1,0 +1,249 @@
+"""EPTQ reconstruction: Hessian-weighted, block-wise AdaRound over a prepared (calibrated) graph.
+
+For each block of the schedule, in topological order: the block's subgraph gets the *quantized* outputs of the
+blocks before it as inputs, the *float* model's values at its compare points as targets, and trains soft
+rounding (+ biases, weight scales, activation scales) to match them under a loss weighted per sample and per
+layer by the label-free Hessian. Activations stream: only the values a later block still needs are kept, for
+both the float and the quantized path, so peak memory follows the widest cut, not the depth.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from .calibrate import init_weight_scales_, quant_disabled
+from .checkpoint import RunCheckpoint
+from .config import EPTQConfig, ReconstructionConfig
+from .data import CalibSet
+from .hessian import label_free_hessian, weight_hessian
+from .passes.insert_qdq import compare_points, weight_ops
+from .meta import BLOCKS
+from .passes.schedule import Block, block_subgraph, schedule_blocks
+from .quantizers import ActQuantizer, QuantWeightOp
+
+logger = logging.getLogger(__name__)
+
+EVAL_SAMPLES = 256  # samples used for the before/after log line of each block
+
+
+@dataclass
+class BlockParts:
+    """The trainable pieces of one block."""
+
+    weight_ops: dict[str, QuantWeightOp]
+    act_quants: dict[str, ActQuantizer]
+    cp_index: list[int]  # column of each of the block's compare points in the Hessian score matrix
+    weight_pos: list[int]  # position (among the block's compare points) of each weight op, in weight_ops order
+
+
+def _block_parts(gm: fx.GraphModule, block: Block, cp_names: list[str]) -> BlockParts:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    wops, aqs, weight_pos = {}, {}, []
+    for name in block.nodes:
+        node = by_name[name]
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, QuantWeightOp) and mod.weight_quant.mode != "off":
+            wops[node.target] = mod
+            weight_pos.append(block.quant_ops.index(name))
+        elif isinstance(mod, ActQuantizer) and mod.mode == "on":
+            aqs[node.target] = mod
+    return BlockParts(wops, aqs, [cp_names.index(n) for n in block.quant_ops], weight_pos)
+
+
+def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionConfig) -> torch.Tensor:
+    """(N, L_block) loss weights: Hessian scores normalised by the block's largest mean layer score."""
+    s = scores[:, parts.cp_index]
+    if not rc.hessian_weighting:
+        return torch.ones_like(s)
+    top = s.mean(0).max()
+    return s / top if top > 0 else torch.ones_like(s)
+
+
+def _distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared error summed over features (AdaRound's reconstruction distance)."""
+    return (pred - target).pow(2).flatten(1).sum(1)
+
+
+def _sqnr_db(preds: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    sig = sum(float(t.pow(2).sum()) for t in targets)
+    err = sum(float((p - t).pow(2).sum()) for p, t in zip(preds, targets))
+    return 10.0 * math.log10(sig / err) if err > 0 else float("inf")
+
+
+class _Trainer:
+    """Optimises one block; owns the schedule of β, the act phase-in and the optimiser."""
+
+    def __init__(self, parts: BlockParts, rc: ReconstructionConfig):
+        self.parts, self.rc = parts, rc
+        groups = []
+        for op in parts.weight_ops.values():
+            wq = op.weight_quant
+            wq.init_soft_(op.weight.detach(), rc.gamma, rc.zeta)
+            groups.append({"params": [wq.alpha], "lr": rc.lr_round})
+            if rc.train_bias and op.op.bias is not None:
+                op.op.bias.requires_grad_(True)
+                groups.append({"params": [op.op.bias], "lr": rc.lr_bias})
+            if rc.train_weight_scale:
+                wq.scale.requires_grad_(True)
+                groups.append({"params": [wq.scale], "lr": rc.lr_scale})
+        for aq in parts.act_quants.values():
+            aq.drop_prob = rc.qdrop
+            if rc.train_act_scale:
+                aq.train_scale = True
+                aq.scale.requires_grad_(True)
+                groups.append({"params": [aq.scale], "lr": rc.lr_scale})
+        self.opt = torch.optim.Adam(groups) if groups else None
+
+    def beta(self, step: int) -> float | None:
+        """None during warm-up (no rounding regulariser), then β annealed from beta_start to beta_end."""
+        rc = self.rc
+        start = int(rc.warmup * rc.iters)
+        if step < start:
+            return None
+        frac = (step - start) / max(1, rc.iters - start)
+        return rc.beta_end + (rc.beta_start - rc.beta_end) * max(0.0, 1.0 - frac)
+
+    def set_phase(self, step: int) -> None:
+        # activation quantization fades in over the first half of the steps: p·x + (1−p)·Q(x), p: 1 → 0
+        p = max(0.0, 1.0 - step / (0.5 * self.rc.iters)) if self.rc.act_phase_in else 0.0
+        for aq in self.parts.act_quants.values():
+            aq.float_mix = p
+
+    def round_loss(self, beta: float, layer_w: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(())
+        for w, op in zip(layer_w, self.parts.weight_ops.values()):
+            h = op.weight_quant.soft_h()
+            total = total + w * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+        return self.rc.reg_factor * total
+
+    def finish(self) -> None:
+        for op in self.parts.weight_ops.values():
+            op.weight_quant.harden_()
+            op.weight_quant.alpha.requires_grad_(False)
+            op.weight_quant.scale.requires_grad_(False)
+            if op.op.bias is not None:
+                op.op.bias.requires_grad_(False)
+        for aq in self.parts.act_quants.values():
+            aq.float_mix, aq.drop_prob, aq.train_scale = 0.0, 0.0, False
+            aq.scale.requires_grad_(False)
+            with torch.no_grad():  # a trained scale must stay a valid (positive) step
+                aq.scale.clamp_(min=1e-8)
+
+
+def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx: torch.Tensor | None,
+         batch_size: int = 256) -> list[torch.Tensor]:
+    """Run a block subgraph over the (indexed) samples in batches; returns its outputs concatenated."""
+    n = next(iter(values[name] for name in block.inputs)).shape[0] if block.inputs else 0
+    order = torch.arange(n) if idx is None else idx
+    chunks: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for i in range(0, len(order), batch_size):
+            sel = order[i:i + batch_size]
+            outs = sub(*(values[name][sel] for name in block.inputs))
+            chunks.append(list(outs))
+    return [torch.cat([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progress) -> tuple[float, float]:
+    n_out = len(block.outputs)
+    trainer = _Trainer(parts, rc)
+    n = f_targets[0].shape[0]
+    eval_idx = torch.arange(min(EVAL_SAMPLES, n))
+
+    def block_loss(idx: torch.Tensor) -> torch.Tensor:
+        preds = sub(*(q_vals[name][idx] for name in block.inputs))[n_out:]
+        per_layer = torch.stack([_distance(p, f_targets[j][idx]) for j, p in enumerate(preds)], 1)
+        return (per_layer * layer_w[idx]).sum(1).mean()
+
+    reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
+    with torch.no_grad():
+        loss_before = float(block_loss(eval_idx))
+    if trainer.opt is not None:
+        sub.train()
+        for step in tqdm(range(rc.iters), desc=f"block {block.index}", disable=not progress, leave=False):
+            trainer.set_phase(step)
+            idx = torch.randint(0, n, (rc.batch_size,), generator=gen)
+            loss = block_loss(idx)
+            beta = trainer.beta(step)
+            if beta is not None and parts.weight_ops:
+                loss = loss + trainer.round_loss(beta, reg_w)
+            trainer.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            trainer.opt.step()
+        sub.eval()
+    trainer.finish()
+    with torch.no_grad():
+        loss_after = float(block_loss(eval_idx))
+    return loss_before, loss_after
+
+
+def _hessian_scores(prepared, calib, config, cps) -> torch.Tensor:
+    if not config.reconstruction.hessian_weighting:
+        return torch.ones(calib.n, len(cps))
+    with quant_disabled(prepared):
+        return label_free_hessian(prepared, cps, calib, config.hessian, seed=config.seed).scores
+
+
+def _apply_hmse_thresholds(prepared, calib, config) -> None:
+    names = list(weight_ops(prepared))
+    with quant_disabled(prepared):
+        wh = weight_hessian(prepared, [f"{n}.op" for n in names], calib, config.hessian, seed=config.seed)
+    init_weight_scales_(prepared, config, {n: wh[f"{n}.op"] for n in names})
+
+
+def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, resume_dir: str | None = None,
+                progress: bool = True) -> fx.GraphModule:
+    """Run EPTQ on a calibrated prepared graph (in place; returns it)."""
+    rc = config.reconstruction
+    t0 = time.perf_counter()
+    cps = compare_points(prepared)
+    ckpt = RunCheckpoint.open(resume_dir, prepared, config, calib) if resume_dir else None
+    if config.weight_range == "hmse":
+        _apply_hmse_thresholds(prepared, calib, config)
+    scores = _hessian_scores(prepared, calib, config, cps)
+    schedule_blocks(prepared, rc.granularity)
+    blocks: list[Block] = prepared.meta[BLOCKS]
+    last_use = {}
+    for b in blocks:
+        for name in b.inputs:
+            last_use[name] = b.index
+    placeholders = [n.name for n in prepared.graph.nodes if n.op == "placeholder"]
+    f_vals = dict(zip(placeholders, calib.tensors))
+    q_vals = dict(f_vals)
+    for block in tqdm(blocks, desc="EPTQ blocks", disable=not progress):
+        sub = block_subgraph(prepared, block)
+        parts = _block_parts(prepared, block, cps)
+        with quant_disabled(prepared):
+            f_out = _run(sub, f_vals, block, None)
+        n_out = len(block.outputs)
+        f_targets = f_out[n_out:]
+        done = ckpt is not None and ckpt.restore_block_(block.index, parts)
+        if not done and parts.cp_index:
+            gen = torch.Generator().manual_seed(config.seed * 100_003 + block.index)
+            layer_w = _layer_weights(scores, parts, rc)
+            tb = time.perf_counter()
+            before, after = _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progress)
+            q_out = _run(sub, q_vals, block, None)
+            logger.info("block %d (%s): loss %.4g -> %.4g, SQNR %.1f dB, %.1f s", block.index,
+                        ",".join(block.quant_ops), before, after, _sqnr_db(q_out[n_out:], f_targets),
+                        time.perf_counter() - tb)
+            if ckpt is not None:
+                ckpt.save_block(block.index, parts)
+        else:
+            q_out = _run(sub, q_vals, block, None)
+        for j, name in enumerate(block.outputs):
+            f_vals[name], q_vals[name] = f_out[j], q_out[j]
+        for name in [k for k in f_vals if last_use.get(k, -1) <= block.index]:
+            f_vals.pop(name, None)
+            q_vals.pop(name, None)
+    logger.info("EPTQ reconstruction: %d blocks (%s), %d steps each, %.1f s", len(blocks), rc.granularity,
+                rc.iters, time.perf_counter() - t0)
+    return prepared
