@@ -12,16 +12,21 @@ Search grid (ratios ``r_i = (i + 1) / n_grid``, i = 0..n_grid-1, so ``r = 1`` --
   with ``power_of_two`` the thresholds are ``2**k`` for integers k from ``floor(log2(M / n_grid))`` to
   ``ceil(log2(M))``;
 * asymmetric: the full ``n_grid x n_grid`` grid of ``hi = r_h * max(max x, 0)`` and ``lo = r_l * min(min x, 0)``
-  (a side that is 0 has the single ratio 1), ``scale = (hi - lo) / qmax``. It costs ``n_grid**2 * N``
-  element evaluations: for large tensors build a histogram and use :func:`search_act_range_hist`.
+  (a side that is 0 has the single ratio 1), ``scale = (hi - lo) / qmax``.
 
 Every candidate's scale is the float32 value ``max(float32(.), MIN_SCALE)`` the caller receives, and its error
 ``sum_i count_i * |x_i - deq(x_i)|**norm`` is summed in float64 with the quantizer of
 ``fake_quant_per_tensor``. Candidates are tried widest range first (``r`` descending; asymmetric: ``r_h``
 descending, then ``r_l`` descending) and a later one must be strictly better, so ties keep the wider range.
 A range that is all zero gives ``(1.0, 0)`` for every scheme.
+
+Cost: for ``norm == 2`` and many values the errors come from sorted values and prefix sums
+(:mod:`~eptq_fx.kernels.sorted_error`, O(levels log N) per candidate after one sort); otherwise each candidate
+is one pass over the values, so the asymmetric ``n_grid**2`` grid costs ``n_grid**2 * N`` element evaluations.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit, prange
@@ -37,6 +42,7 @@ from .common import (
     check_positive_finite,
     check_scheme,
 )
+from .sorted_error import prefix_moments, sorted_candidate_errors
 from .weight_scale import _ceil_log2, _floor_log2
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -105,7 +111,38 @@ def _candidates(vmin: float, vmax: float, bits: int, scheme: str, n_grid: int, p
     return scales, np.zeros_like(scales)
 
 
-def _search(values, counts, use_counts, bits, scheme, n_grid, norm, power_of_two) -> tuple[float, int]:
+def _sorted_pays_off(n: int, levels: int, norm: float) -> bool:
+    """Sorted evaluation costs ~levels * log2(n) per candidate against n for a direct pass; it is exact enough
+    (see sorted_error) for norm 2 up to 4096 levels (12 bits)."""
+    return norm == 2.0 and levels <= 4096 and levels * (math.log2(n) + 4) < n / 2
+
+
+def candidate_errors(values, counts, scales, zps, qmin: int, qmax: int, norm: float, method: str = "auto"):
+    """Error of every candidate ``(scales[g], zps[g])`` over float64 ``values`` (``counts`` None: all ones).
+
+    ``method``: ``"direct"`` (one pass over the values per candidate, any norm), ``"sorted"`` (norm 2 only:
+    sort once, then O(levels log N) per candidate) or ``"auto"`` (sorted where it is cheaper).
+    """
+    if method == "auto":
+        method = "sorted" if _sorted_pays_off(values.size, qmax - qmin + 1, norm) else "direct"
+    errs = np.empty_like(scales)
+    use_counts = counts is not None
+    counts = counts if use_counts else np.ones(1)
+    if method == "direct":
+        _candidate_errors(values, counts, use_counts, scales, zps, qmin, qmax, norm, errs)
+        return errs
+    if norm != 2.0:
+        raise KernelInputError("the sorted error evaluation needs norm 2.")
+    if (np.diff(values) < 0).any():
+        order = np.argsort(values, kind="stable")
+        values = np.ascontiguousarray(values[order])
+        counts = np.ascontiguousarray(counts[order]) if use_counts else counts
+    hi, lo = prefix_moments(values, counts, use_counts)
+    sorted_candidate_errors(values, hi, lo, scales, zps, qmin, qmax, errs)
+    return errs
+
+
+def _search(values, counts, bits, scheme, n_grid, norm, power_of_two) -> tuple[float, int]:
     if power_of_two and scheme == "asymmetric":
         raise KernelInputError("power_of_two needs zero point 0: use scheme 'symmetric' or 'unsigned'.")
     cands = _candidates(float(values.min()), float(values.max()), bits, scheme, n_grid, power_of_two)
@@ -113,8 +150,7 @@ def _search(values, counts, use_counts, bits, scheme, n_grid, norm, power_of_two
         return ZERO_RANGE_SCALE, 0
     scales, zps = cands
     qmin, qmax = act_range_for(bits, scheme)
-    errs = np.empty_like(scales)
-    _candidate_errors(values, counts, use_counts, scales, zps, qmin, qmax, norm, errs)
+    errs = candidate_errors(values, counts, scales, zps, qmin, qmax, norm)
     best = int(np.argmin(errs))  # first minimum: ties keep the wider range
     return float(scales[best]), int(zps[best])
 
@@ -131,8 +167,7 @@ def search_act_range(
     if x.size == 0:
         raise KernelInputError("x is empty: an activation range needs at least one sample.")
     bits, scheme, n_grid, norm = _check_common(bits, scheme, n_grid, norm)
-    dummy = np.ones(1, dtype=np.float64)
-    return _search(x.astype(np.float64), dummy, False, bits, scheme, n_grid, norm, bool(power_of_two))
+    return _search(x.astype(np.float64), None, bits, scheme, n_grid, norm, bool(power_of_two))
 
 
 def search_act_range_hist(
@@ -163,7 +198,7 @@ def search_act_range_hist(
         raise KernelInputError("counts are all zero: the histogram holds no samples.")
     bits, scheme, n_grid, norm = _check_common(bits, scheme, n_grid, norm)
     centres = np.ascontiguousarray((0.5 * (edges[:-1] + edges[1:]))[keep])
-    return _search(centres, np.ascontiguousarray(counts[keep]), True, bits, scheme, n_grid, norm, bool(power_of_two))
+    return _search(centres, np.ascontiguousarray(counts[keep]), bits, scheme, n_grid, norm, bool(power_of_two))
 
 
 def minmax_act_range(
