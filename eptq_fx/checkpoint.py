@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .config import EPTQConfig
 from .data import CalibSet
 from .errors import CheckpointError
+from .passes.insert_qdq import act_quantizers
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,13 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def run_fingerprint(prepared: fx.GraphModule, config: EPTQConfig, calib: CalibSet) -> dict:
+    # Activation ranges are a function of data and config, which have fingerprints of their own: leaving them
+    # out of the model's lets a refusal name what really changed.
+    calibrated = tuple(f"{name}." for name in act_quantizers(prepared))
     h = hashlib.sha256(prepared.code.encode())
     for name, t in prepared.state_dict().items():
+        if name.startswith(calibrated):
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     cfg = json.dumps(config.fingerprint_dict(), sort_keys=True, default=str)
