@@ -5,6 +5,7 @@ also replaces the "## Kernels" section of BENCHMARKS.md). Workload: the weights 
 in the real layer shapes, random normal with He scaling, fixed seed), 4-bit signed, MSE, 100-point grid plus
 the 100-point refinement, i.e. the defaults of ``search_weight_scale``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,14 +106,16 @@ def timed(fn, repeats: int) -> tuple[float, list]:
 
 
 def compile_seconds() -> tuple[float, float]:
-    """First-call seconds of a tiny search in a fresh process: with an empty numba cache, then with it warm."""
+    """First-call seconds of a tiny search in a fresh process: empty numba cache, then warm cache."""
     code = (
         "import time, numpy as np; from eptq_fx.kernels import search_weight_scale as f;"
         "w = np.ones((2, 3), np.float32); t = time.perf_counter(); f(w, 4); print(time.perf_counter() - t)"
     )
     with tempfile.TemporaryDirectory() as cache_dir:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=str(REPO))
-        runs = [float(subprocess.check_output([sys.executable, "-c", code], env=env, cwd=REPO)) for _ in range(2)]
+        runs = [
+            float(subprocess.check_output([sys.executable, "-c", code], env=env, cwd=REPO)) for _ in range(2)
+        ]
         return runs[0], runs[1]
 
 
@@ -121,7 +124,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of numba and torch (median reported)")
     parser.add_argument("--ref-repeats", type=int, default=3, help="runs of the slow numpy reference")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts for numba and torch")
-    parser.add_argument("--write", action="store_true", help="replace the '## Kernels' section of BENCHMARKS.md")
+    parser.add_argument(
+        "--write", action="store_true", help="replace the '## Kernels' section of BENCHMARKS.md"
+    )
     args = parser.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
 
@@ -147,11 +152,11 @@ def main() -> None:
     n_ch = sum(w.shape[0] for w in weights)
     worst = max(
         float(np.max(weight_error_ref(w, a, BITS) / weight_error_ref(w, b, BITS)))
-        for w, a, b in zip(weights, s_numba, s_ref)
+        for w, a, b in zip(weights, s_numba, s_ref, strict=True)
     )
 
     def agree(scales: list[np.ndarray]) -> int:
-        return sum(int((a == b).sum()) for a, b in zip(scales, s_numba))
+        return sum(int((a == b).sum()) for a, b in zip(scales, s_numba, strict=True))
 
     lines = [
         SECTION,
@@ -168,7 +173,8 @@ def main() -> None:
         "",
         f"- numba first call in a fresh process: {cold:.2f} s with an empty cache (compilation), "
         f"{warm:.2f} s with the on-disk cache (`cache=True`); both excluded from the table.",
-        f"- numba vs reference: identical scale on {agree(s_ref)}/{n_ch} channels; worst per-channel error ratio "
+        f"- numba vs reference: identical scale on {agree(s_ref)}/{n_ch} channels; worst per-channel "
+        f"error ratio "
         f"kernel/reference {worst:.8f}. The torch versions pick the kernel's scale on "
         + ", ".join(f"{agree(v)}/{n_ch} ({k})" for k, v in s_torch.items())
         + " channels (float32 torch divides and sums in float32; torch breaks ties by argmin order).",

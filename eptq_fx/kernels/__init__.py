@@ -6,6 +6,7 @@ rounding is ``rint`` (half to even); an all-zero channel or tensor gets scale 1.
 validates its inputs and raises :class:`eptq_fx.errors.KernelInputError` on NaN/Inf, a wrong ndim or bad bits.
 Each has a plain numpy twin ``<name>_ref`` in :mod:`eptq_fx.kernels.reference`.
 """
+
 from .act_range import minmax_act_range, search_act_range, search_act_range_hist
 from .common import MIN_SCALE, ZERO_RANGE_SCALE, act_range_for, signed_range, unsigned_range
 from .fake_quant import fake_quant_per_channel, fake_quant_per_tensor, quantize_per_channel

@@ -6,13 +6,14 @@ Schemes (integer range, zero point):
 * ``"symmetric"``: ``[-2**(b-1), 2**(b-1) - 1]``, zp 0;
 * ``"unsigned"``: ``[0, 2**b - 1]``, zp 0 (negative values clip to 0 and still count in the error).
 
-Search grid (ratios ``r_i = (i + 1) / n_grid``, i = 0..n_grid-1, so ``r = 1`` -- min-max -- is always tried):
+Search grid (ratios ``r_i = (i + 1) / n_grid``, i = 0..n_grid-1, so ``r = 1`` -- min-max -- is always
+tried):
 
-* symmetric / unsigned: thresholds ``t = r * M`` with ``M = max|x|`` / ``max(max x, 0)``; ``scale = t / qmax``;
-  with ``power_of_two`` the thresholds are ``2**k`` for integers k from ``floor(log2(M / n_grid))`` to
-  ``ceil(log2(M))``;
-* asymmetric: the full ``n_grid x n_grid`` grid of ``hi = r_h * max(max x, 0)`` and ``lo = r_l * min(min x, 0)``
-  (a side that is 0 has the single ratio 1), ``scale = (hi - lo) / qmax``.
+* symmetric / unsigned: thresholds ``t = r * M`` with ``M = max|x|`` / ``max(max x, 0)``;
+  ``scale = t / qmax``; with ``power_of_two`` the thresholds are ``2**k`` for the integers k from
+  ``floor(log2(M / n_grid))`` to ``ceil(log2(M))``;
+* asymmetric: the full ``n_grid x n_grid`` grid of ``hi = r_h * max(max x, 0)`` and
+  ``lo = r_l * min(min x, 0)`` (a side that is 0 has the single ratio 1), ``scale = (hi - lo) / qmax``.
 
 Every candidate's scale is the float32 value ``max(float32(.), MIN_SCALE)`` the caller receives, and its error
 ``sum_i count_i * |x_i - deq(x_i)|**norm`` is summed in float64 with the quantizer of
@@ -24,9 +25,8 @@ Cost: for ``norm == 2`` and many values the errors come from sorted values and p
 (:mod:`~eptq_fx.kernels.sorted_error`, O(levels log N) per candidate after one sort); otherwise each candidate
 is one pass over the values, so the asymmetric ``n_grid**2`` grid costs ``n_grid**2 * N`` element evaluations.
 """
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
@@ -42,7 +42,7 @@ from .common import (
     check_positive_finite,
     check_scheme,
 )
-from .sorted_error import prefix_moments, sorted_candidate_errors
+from .sorted_error import prefix_moments, sorted_candidate_errors, sorted_pays_off
 from .weight_scale import _ceil_log2, _floor_log2
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -111,12 +111,6 @@ def _candidates(vmin: float, vmax: float, bits: int, scheme: str, n_grid: int, p
     return scales, np.zeros_like(scales)
 
 
-def _sorted_pays_off(n: int, levels: int, norm: float) -> bool:
-    """Sorted evaluation costs ~levels * log2(n) per candidate against n for a direct pass; it is exact enough
-    (see sorted_error) for norm 2 up to 4096 levels (12 bits)."""
-    return norm == 2.0 and levels <= 4096 and levels * (math.log2(n) + 4) < n / 2
-
-
 def candidate_errors(values, counts, scales, zps, qmin: int, qmax: int, norm: float, method: str = "auto"):
     """Error of every candidate ``(scales[g], zps[g])`` over float64 ``values`` (``counts`` None: all ones).
 
@@ -124,7 +118,7 @@ def candidate_errors(values, counts, scales, zps, qmin: int, qmax: int, norm: fl
     sort once, then O(levels log N) per candidate) or ``"auto"`` (sorted where it is cheaper).
     """
     if method == "auto":
-        method = "sorted" if _sorted_pays_off(values.size, qmax - qmin + 1, norm) else "direct"
+        method = "sorted" if sorted_pays_off(values.size, qmax - qmin + 1, norm) else "direct"
     errs = np.empty_like(scales)
     use_counts = counts is not None
     counts = counts if use_counts else np.ones(1)
@@ -133,10 +127,11 @@ def candidate_errors(values, counts, scales, zps, qmin: int, qmax: int, norm: fl
         return errs
     if norm != 2.0:
         raise KernelInputError("the sorted error evaluation needs norm 2.")
-    if (np.diff(values) < 0).any():
+    if not use_counts:
+        values = np.sort(values)
+    elif (np.diff(values) < 0).any():  # histogram centres arrive sorted already
         order = np.argsort(values, kind="stable")
-        values = np.ascontiguousarray(values[order])
-        counts = np.ascontiguousarray(counts[order]) if use_counts else counts
+        values, counts = np.ascontiguousarray(values[order]), np.ascontiguousarray(counts[order])
     hi, lo = prefix_moments(values, counts, use_counts)
     sorted_candidate_errors(values, hi, lo, scales, zps, qmin, qmax, errs)
     return errs
@@ -188,7 +183,9 @@ def search_act_range_hist(
     counts = as_float_array("counts", counts, ndim=1, dtype=np.float64)
     edges = as_float_array("edges", edges, ndim=1, dtype=np.float64)
     if edges.size != counts.size + 1 or counts.size == 0:
-        raise KernelInputError(f"edges must have len(counts) + 1 entries, got {edges.size} for {counts.size} bins.")
+        raise KernelInputError(
+            f"edges must have len(counts) + 1 entries, got {edges.size} for {counts.size} bins."
+        )
     if (np.diff(edges) <= 0).any():
         raise KernelInputError("edges must be strictly increasing.")
     if (counts < 0).any():
@@ -198,7 +195,9 @@ def search_act_range_hist(
         raise KernelInputError("counts are all zero: the histogram holds no samples.")
     bits, scheme, n_grid, norm = _check_common(bits, scheme, n_grid, norm)
     centres = np.ascontiguousarray((0.5 * (edges[:-1] + edges[1:]))[keep])
-    return _search(centres, np.ascontiguousarray(counts[keep]), bits, scheme, n_grid, norm, bool(power_of_two))
+    return _search(
+        centres, np.ascontiguousarray(counts[keep]), bits, scheme, n_grid, norm, bool(power_of_two)
+    )
 
 
 def minmax_act_range(
@@ -206,7 +205,11 @@ def minmax_act_range(
 ) -> tuple[float, int]:
     """``(scale, zero_point)`` covering ``[min(xmin, 0), max(xmax, 0)]`` (the range always includes 0)."""
     for name, v in (("xmin", xmin), ("xmax", xmax)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float, np.integer, np.floating))
+            or not np.isfinite(v)
+        ):
             raise KernelInputError(f"{name} must be a finite number, got {v!r}.")
     if xmin > xmax:
         raise KernelInputError(f"xmin must be <= xmax, got xmin={xmin}, xmax={xmax}.")

@@ -3,6 +3,7 @@
 The kernels themselves never validate: every public wrapper calls these helpers first, so a bad array fails
 with a one-line :class:`~eptq_fx.errors.KernelInputError` instead of a numba crash or a silent NaN.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -95,6 +96,8 @@ def check_n_grid(n_grid: object) -> int:
 
 def check_scales(scale: np.ndarray, n_channels: int) -> None:
     if scale.shape != (n_channels,):
-        raise KernelInputError(f"scale must have shape ({n_channels},) (one per row of w), got {scale.shape}.")
+        raise KernelInputError(
+            f"scale must have shape ({n_channels},) (one per row of w), got {scale.shape}."
+        )
     if (scale <= 0).any():
         raise KernelInputError("scale must be > 0 everywhere.")

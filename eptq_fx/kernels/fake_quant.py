@@ -2,9 +2,11 @@
 
 Semantics, identical in the numpy twins of :mod:`eptq_fx.kernels.reference`:
 ``q = clip(rint(w / scale) + zero_point, qmin, qmax)`` and ``dequant = (q - zero_point) * scale``, with the
-division done in float64 and ``rint`` rounding half to even. The float64 product ``q * scale`` is exact (q has at
-most 17 significant bits, a float32 scale 24), so the float32 result equals the correctly rounded float32 product.
+division done in float64 and ``rint`` rounding half to even. The float64 product ``q * scale`` is exact
+(q has at most 17 significant bits, a float32 scale 24), so the float32 result equals the correctly rounded
+float32 product.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,4 +83,3 @@ def fake_quant_per_tensor(x: np.ndarray, scale: float, zero_point: int, qmin: in
     out = np.empty_like(flat)
     _fake_quant_flat(flat, s, zp, lo, hi, out)
     return out.reshape(arr.shape)
-

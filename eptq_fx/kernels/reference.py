@@ -1,9 +1,10 @@
-"""Plain vectorised numpy twins (``*_ref``) of the numba kernels, written from the specification for the tests.
+"""Plain vectorised numpy twins (``*_ref``) of the numba kernels, written from the specification.
 
 They skip input validation (the kernels' wrappers own it) and favour obviousness over speed: whole-array
 numpy expressions, one grid point (or one chunk of candidates) at a time. Grid, scale and tie rules are those
 documented in :mod:`eptq_fx.kernels.weight_scale` and :mod:`eptq_fx.kernels.act_range`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -183,7 +184,9 @@ def _act_search_ref(values, counts, bits, scheme, n_grid, norm, power_of_two):
 
 
 def search_act_range_ref(x, bits, scheme, *, n_grid=100, norm=2.0, power_of_two=False):
-    return _act_search_ref(np.asarray(x, dtype=np.float32).ravel(), None, bits, scheme, n_grid, norm, power_of_two)
+    return _act_search_ref(
+        np.asarray(x, dtype=np.float32).ravel(), None, bits, scheme, n_grid, norm, power_of_two
+    )
 
 
 def search_act_range_hist_ref(counts, edges, bits, scheme, *, n_grid=100, norm=2.0, power_of_two=False):

@@ -9,15 +9,25 @@ the values that round to level ``q`` are one run of the *sorted* values, between
 with ``S0, S1, S2`` the run's sums of ``c``, ``c*x`` and ``c*x**2``. Prefix sums make each run two look-ups.
 
 Accuracy: prefix sums are accumulated with Neumaier compensation (a high and a low part per entry), so a run's
-sums carry a relative error of about one rounding, not ``N`` of them. The subtraction above then loses about
-``log10(12 * q**2)`` digits (a run's error is ~``n s**2 / 12`` against ``S2 ~ n v_q**2``): below 1e-10 relative
-for up to 12 bits. A value lying exactly on a boundary may land in the other run than ``rint`` (half to even)
-puts it in, which changes nothing: it is equally far from both levels.
+sums carry a relative error of about one rounding, not ``N`` of them. The subtraction above then loses
+about ``log10(12 * q**2)`` digits (a run's error is ~``n s**2 / 12`` against ``S2 ~ n v_q**2``): below
+1e-10 relative for up to 12 bits. A value lying exactly on a boundary may land in the other run than
+``rint`` (half to even) puts it in, which changes nothing: it is equally far from both levels.
 """
+
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit, prange
+
+
+def sorted_pays_off(n: int, levels: int, norm: float) -> bool:
+    """Whether to use the sorted evaluation for ``n`` values and ``levels`` integer levels: it costs about
+    ``levels * log2(n)`` per candidate against ``n`` for a direct pass, and is accurate enough (see above) for
+    norm 2 up to 4096 levels (12 bits)."""
+    return norm == 2.0 and levels <= 4096 and n > 0 and levels * (math.log2(n) + 4) < n / 2
 
 
 @njit(cache=True)

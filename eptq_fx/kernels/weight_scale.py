@@ -15,8 +15,13 @@ Per row ``c`` of ``w`` (C, K) with ``m = max|w_c|``:
 * ties: the smaller error wins, then the larger scale;
 * an all-zero row gets scale 1.0 (any non-zero scale quantizes it exactly).
 
+Evaluation: for ``norm == 2`` and rows long enough for it to pay off, each row is sorted once and every
+candidate's error comes from prefix sums (:mod:`~eptq_fx.kernels.sorted_error`, O(levels log K) instead of
+O(K), equal to the direct sum within ~1e-10 relative); otherwise each candidate is one fused pass over the
+row.
 Rows are independent, so ``prange`` over rows is deterministic.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +38,7 @@ from .common import (
     check_positive_finite,
     signed_range,
 )
+from .sorted_error import prefix_moments, sorted_pays_off, sorted_squared_error
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -47,8 +53,8 @@ def _scale_of(threshold, qmax):
     return s if s >= MIN_SCALE else MIN_SCALE
 
 
-# ``reassoc`` lets LLVM split the float64 sum into SIMD lanes (roughly 4x faster). The summation order is fixed
-# at compile time, so results stay deterministic; no other fast-math flag is set (no FMA contraction, no
+# ``reassoc`` lets LLVM split the float64 sum into SIMD lanes (roughly 4x faster). The summation order is
+# fixed at compile time, so results stay deterministic; no other fast-math flag is set (no FMA contraction, no
 # reciprocal instead of division), so every element is quantized exactly as ``fake_quant_per_channel`` does.
 @njit(cache=True, fastmath={"reassoc"})
 def _row_error(row, wrow, use_weights, scale, lo, hi, norm):
@@ -90,7 +96,18 @@ def _floor_log2(x):
 
 
 @njit(cache=True)
-def _search_row(row, wrow, use_weights, qmin, qmax, norm, n_grid, min_ratio, refine, power_of_two):
+def _error(ev, scale):
+    """Error of one scale; ``ev`` bundles the row, its weights and (if sorted) its sorted form."""
+    row, wrow, use_weights, use_sorted, svals, hi_p, lo_p, lo, hi, norm = ev
+    if use_sorted:
+        return sorted_squared_error(svals, hi_p, lo_p, scale, 0.0, lo, hi)
+    return _row_error(row, wrow, use_weights, scale, lo, hi, norm)
+
+
+@njit(cache=True)
+def _search_row(row, wrow, srow, swrow, use_weights, use_sorted, settings):
+    """Best scale of one row; ``srow`` / ``swrow``: the row ascending and its weights (``use_sorted``)."""
+    qmin, qmax, norm, n_grid, min_ratio, refine, power_of_two = settings
     m = 0.0
     for k in range(row.shape[0]):
         a = abs(np.float64(row[k]))
@@ -99,18 +116,23 @@ def _search_row(row, wrow, use_weights, qmin, qmax, norm, n_grid, min_ratio, ref
     if m == 0.0:
         return ZERO_RANGE_SCALE
     lo, hi = np.float64(qmin), np.float64(qmax)
+    if use_sorted:
+        hi_p, lo_p = prefix_moments(srow, swrow, use_weights)
+    else:
+        hi_p, lo_p = np.empty((3, 0)), np.empty((3, 0))
+    ev = (row, wrow, use_weights, use_sorted, srow, hi_p, lo_p, lo, hi, norm)
     best_err, best_s, best_r = np.inf, 0.0, 1.0
     if power_of_two:
         for k in range(_ceil_log2(m), _floor_log2(min_ratio * m) - 1, -1):
             s = _scale_of(math.ldexp(1.0, k), hi)
-            err = _row_error(row, wrow, use_weights, s, lo, hi, norm)
+            err = _error(ev, s)
             if err < best_err or (err == best_err and s > best_s):
                 best_err, best_s = err, s
         return best_s
     for i in range(n_grid):
         r = 1.0 if i == n_grid - 1 else min_ratio + (1.0 - min_ratio) * i / (n_grid - 1)
         s = _scale_of(r * m, hi)
-        err = _row_error(row, wrow, use_weights, s, lo, hi, norm)
+        err = _error(ev, s)
         if err < best_err or (err == best_err and s > best_s):
             best_err, best_s, best_r = err, s, r
     if refine and n_grid > 1:
@@ -120,17 +142,28 @@ def _search_row(row, wrow, use_weights, qmin, qmax, norm, n_grid, min_ratio, ref
         for j in range(n_grid):
             r = r_lo + (r_hi - r_lo) * j / (n_grid - 1)
             s = _scale_of(r * m, hi)
-            err = _row_error(row, wrow, use_weights, s, lo, hi, norm)
+            err = _error(ev, s)
             if err < best_err or (err == best_err and s > best_s):
                 best_err, best_s = err, s
     return best_s
 
 
 @njit(parallel=True, cache=True)
-def _search_rows(w, weights, use_weights, qmin, qmax, norm, n_grid, min_ratio, refine, power_of_two, out):
+def _search_rows(w, weights, sorted_w, sorted_weights, use_weights, use_sorted, settings, out):
     for c in prange(w.shape[0]):
         wrow = weights[c] if use_weights else weights[0]
-        out[c] = _search_row(w[c], wrow, use_weights, qmin, qmax, norm, n_grid, min_ratio, refine, power_of_two)
+        srow = sorted_w[c] if use_sorted else sorted_w[0]
+        swrow = sorted_weights[c] if use_sorted and use_weights else sorted_weights[0]
+        out[c] = _search_row(w[c], wrow, srow, swrow, use_weights, use_sorted, settings)
+
+
+def _sorted_rows(w: np.ndarray, wts: np.ndarray, use_weights: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each row ascending (float64) with its weights in the same order. numpy sorts here, not numba: its
+    SIMD sort is ~20x faster than numba's."""
+    if not use_weights:
+        return np.sort(w, axis=1).astype(np.float64), np.ones((1, 1), dtype=np.float32)
+    order = np.argsort(w, axis=1)
+    return np.take_along_axis(w, order, 1).astype(np.float64), np.take_along_axis(wts, order, 1)
 
 
 def search_weight_scale(
@@ -167,12 +200,15 @@ def search_weight_scale(
     if w.shape[1] == 0:
         out[:] = ZERO_RANGE_SCALE
         return out
-    _search_rows(w, wts, use_weights, qmin, qmax, norm, n_grid, min_ratio, bool(refine), bool(power_of_two), out)
+    use_sorted = sorted_pays_off(w.shape[1], qmax - qmin + 1, norm)
+    sorted_w, sorted_wts = _sorted_rows(w, wts, use_weights) if use_sorted else (np.empty((1, 0)), wts)
+    settings = (qmin, qmax, norm, n_grid, min_ratio, bool(refine), bool(power_of_two))
+    _search_rows(w, wts, sorted_w, sorted_wts, use_weights, use_sorted, settings, out)
     return out
 
 
 def minmax_weight_scale(w: np.ndarray, bits: int, *, power_of_two: bool = False) -> np.ndarray:
-    """``max|w_c| / qmax`` per row (threshold rounded up to a power of two if asked); all-zero rows get 1.0."""
+    """``max|w_c| / qmax`` per row (threshold rounded up to a power of two if asked); zero rows get 1.0."""
     w = as_float_array("w", w, ndim=2)
     _, qmax = signed_range(bits)
     m = np.abs(w).max(axis=1).astype(np.float64) if w.shape[1] else np.zeros(w.shape[0])

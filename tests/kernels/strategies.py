@@ -1,4 +1,5 @@
 """Hypothesis strategies and tolerance helpers shared by the kernel tests."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,10 +14,10 @@ def f32(x: float) -> float:
     return float(np.float32(x))
 
 
-_special = st.sampled_from([f32(v) for v in (0.0, -0.0, 1e-8, -1e-8, 1e8, -1e8, 0.5, -0.5, 1.5, 2.5, 1e-38, 3e34)])
-finite_f32 = st.one_of(
-    st.floats(-1e3, 1e3, width=32), st.floats(f32(-1e-4), f32(1e-4), width=32), _special
+_special = st.sampled_from(
+    [f32(v) for v in (0.0, -0.0, 1e-8, -1e-8, 1e8, -1e8, 0.5, -0.5, 1.5, 2.5, 1e-38, 3e34)]
 )
+finite_f32 = st.one_of(st.floats(-1e3, 1e3, width=32), st.floats(f32(-1e-4), f32(1e-4), width=32), _special)
 
 
 def matrices(max_rows: int = 5, max_cols: int = 40) -> st.SearchStrategy[np.ndarray]:

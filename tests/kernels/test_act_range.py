@@ -33,8 +33,13 @@ def _check_result(result, bits, scheme):
 
 
 @settings(max_examples=50, deadline=None)
-@given(x=vectors(), bits=st.integers(2, 8), scheme=schemes, n_grid=st.sampled_from([1, 7, 25]),
-       norm=st.sampled_from([2.0, 1.0, 2.4]))
+@given(
+    x=vectors(),
+    bits=st.integers(2, 8),
+    scheme=schemes,
+    n_grid=st.sampled_from([1, 7, 25]),
+    norm=st.sampled_from([2.0, 1.0, 2.4]),
+)
 def test_search_matches_reference(x, bits, scheme, n_grid, norm):
     kw = dict(n_grid=n_grid, norm=norm)
     got, ref = search_act_range(x, bits, scheme, **kw), search_act_range_ref(x, bits, scheme, **kw)
@@ -54,7 +59,10 @@ def test_search_never_worse_than_minmax(x, bits, scheme):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_default_grid_on_gaussian_and_relu_samples(scheme, bits):
     rng = np.random.default_rng(bits)
-    for x in (rng.standard_normal(3000), np.maximum(rng.standard_normal(3000), 0) * 5 + rng.random(3000) * 0.01):
+    for x in (
+        rng.standard_normal(3000),
+        np.maximum(rng.standard_normal(3000), 0) * 5 + rng.random(3000) * 0.01,
+    ):
         x = x.astype(np.float32)
         got, ref = search_act_range(x, bits, scheme), search_act_range_ref(x, bits, scheme)
         _check_result(got, bits, scheme)
@@ -75,8 +83,13 @@ def test_power_of_two_ranges(x, bits, scheme):
 
 
 @settings(max_examples=50, deadline=None)
-@given(counts=st.lists(st.integers(0, 50), min_size=1, max_size=40), lo=st.floats(-100, 10),
-       width=st.floats(1e-3, 100), bits=st.integers(2, 8), scheme=schemes)
+@given(
+    counts=st.lists(st.integers(0, 50), min_size=1, max_size=40),
+    lo=st.floats(-100, 10),
+    width=st.floats(1e-3, 100),
+    bits=st.integers(2, 8),
+    scheme=schemes,
+)
 def test_hist_matches_reference_and_repeated_centres(counts, lo, width, bits, scheme):
     counts = np.array(counts, dtype=np.float64)
     counts[0] += 1  # at least one sample
@@ -84,7 +97,9 @@ def test_hist_matches_reference_and_repeated_centres(counts, lo, width, bits, sc
     got = search_act_range_hist(counts, edges, bits, scheme, n_grid=20)
     ref = search_act_range_hist_ref(counts, edges, bits, scheme, n_grid=20)
     centres = (edges[:-1] + edges[1:]) / 2
-    assert_errors_match(_err(centres, got, bits, scheme, counts=counts), _err(centres, ref, bits, scheme, counts=counts))
+    assert_errors_match(
+        _err(centres, got, bits, scheme, counts=counts), _err(centres, ref, bits, scheme, counts=counts)
+    )
     # Same as searching the samples a histogram of centres stands for (when they are float32-exact).
     samples = np.repeat(centres, counts.astype(int))
     if np.array_equal(samples.astype(np.float32), samples):
@@ -112,7 +127,9 @@ def test_degenerate_and_edge_inputs(scheme):
     huge = np.array([1e-8, 1e8, -1e-8, 3.0, 0.0], np.float32)
     got = search_act_range(huge, 8, scheme)
     _check_result(got, 8, scheme)
-    assert_errors_match(_err(huge, got, 8, scheme), _err(huge, search_act_range_ref(huge, 8, scheme), 8, scheme))
+    assert_errors_match(
+        _err(huge, got, 8, scheme), _err(huge, search_act_range_ref(huge, 8, scheme), 8, scheme)
+    )
 
 
 def test_negative_only_inputs():
@@ -121,7 +138,9 @@ def test_negative_only_inputs():
     assert search_act_range(x, 8, "unsigned") == (1.0, 0)  # nothing above zero: everything clips to 0
     assert minmax_act_range(-2.0, -1.0, 8, "asymmetric") == (float(np.float32(2 / 255)), 255)
     sym = search_act_range(x, 4, "symmetric")
-    assert_errors_match(_err(x, sym, 4, "symmetric"), _err(x, search_act_range_ref(x, 4, "symmetric"), 4, "symmetric"))
+    assert_errors_match(
+        _err(x, sym, 4, "symmetric"), _err(x, search_act_range_ref(x, 4, "symmetric"), 4, "symmetric")
+    )
 
 
 @pytest.mark.parametrize("power_of_two", [False, True])
@@ -131,7 +150,10 @@ def test_minmax_known_values(power_of_two):
         got = minmax_act_range(-1.0, 3.0, 8, scheme, power_of_two=power_of_two)
         assert got == minmax_act_range_ref(-1.0, 3.0, 8, scheme, power_of_two=power_of_two)
     if power_of_two:
-        assert minmax_act_range(-1.0, 3.0, 8, "symmetric", power_of_two=True) == (float(np.float32(4 / 127)), 0)
+        assert minmax_act_range(-1.0, 3.0, 8, "symmetric", power_of_two=True) == (
+            float(np.float32(4 / 127)),
+            0,
+        )
     else:
         assert minmax_act_range(-1.0, 3.0, 8, "asymmetric") == (float(np.float32(4 / 255)), 64)  # rint(63.75)
         assert minmax_act_range(-1.0, 3.0, 8, "symmetric") == (float(np.float32(3 / 127)), 0)
@@ -166,7 +188,10 @@ def test_result_does_not_depend_on_thread_count():
         (lambda: search_act_range_hist(np.ones(2), np.array([0.0, 2.0, 1.0]), 8, "symmetric"), "strictly"),
         (lambda: search_act_range_hist(-np.ones(2), np.arange(3.0), 8, "symmetric"), "counts must be >= 0"),
         (lambda: search_act_range_hist(np.zeros(2), np.arange(3.0), 8, "symmetric"), "counts are all zero"),
-        (lambda: search_act_range_hist(np.ones(2), np.array([0.0, 1.0, np.inf]), 8, "symmetric"), "edges contains"),
+        (
+            lambda: search_act_range_hist(np.ones(2), np.array([0.0, 1.0, np.inf]), 8, "symmetric"),
+            "edges contains",
+        ),
         (lambda: minmax_act_range(float("nan"), 1.0, 8, "symmetric"), "xmin must be a finite number"),
         (lambda: minmax_act_range(2.0, 1.0, 8, "symmetric"), "xmin must be <= xmax"),
         (lambda: minmax_act_range(0.0, 1.0, 8, "asymmetric", power_of_two=True), "power_of_two needs"),

@@ -64,7 +64,10 @@ def test_per_tensor_known_values():
 @pytest.mark.parametrize(
     "call, needle",
     [
-        (lambda: fake_quant_per_channel(np.array([[np.nan]], np.float32), np.ones(1), -8, 7), "w contains NaN"),
+        (
+            lambda: fake_quant_per_channel(np.array([[np.nan]], np.float32), np.ones(1), -8, 7),
+            "w contains NaN",
+        ),
         (lambda: fake_quant_per_channel(np.ones(3, np.float32), np.ones(1), -8, 7), "w must be 2-D"),
         (lambda: fake_quant_per_channel(np.ones((2, 3)), np.ones(3), -8, 7), "scale must have shape (2,)"),
         (lambda: fake_quant_per_channel(np.ones((1, 3)), np.zeros(1), -8, 7), "scale must be > 0"),

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from eptq_fx.errors import KernelInputError
 from eptq_fx.kernels import MIN_SCALE, minmax_weight_scale, search_weight_scale
 from eptq_fx.kernels.reference import minmax_weight_scale_ref, search_weight_scale_ref, weight_error_ref
+from eptq_fx.kernels.sorted_error import sorted_pays_off
 
 from .strategies import assert_errors_match, matrices
 
@@ -21,8 +22,14 @@ def _weights_for(w, rng):
 
 
 @settings(max_examples=50, deadline=None)
-@given(w=matrices(), bits=st.integers(2, 8), norm=norms, weighted=st.booleans(), n_grid=st.integers(1, 30),
-       seed=st.integers(0, 2**16))
+@given(
+    w=matrices(),
+    bits=st.integers(2, 8),
+    norm=norms,
+    weighted=st.booleans(),
+    n_grid=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+)
 def test_fixed_grid_matches_reference(w, bits, norm, weighted, n_grid, seed):
     """Without refinement both search the same candidates, so the chosen errors agree (ties may differ)."""
     wts = _weights_for(w, np.random.default_rng(seed)) if weighted else None
@@ -42,6 +49,24 @@ def test_refined_search_matches_reference_on_random_weights(bits, norm, weighted
     s_r = search_weight_scale_ref(w, bits, norm=norm, weights=wts)
     assert_errors_match(weight_error_ref(w, s_k, bits, norm, wts), weight_error_ref(w, s_r, bits, norm, wts))
     assert np.mean(s_k == s_r) >= 0.9  # continuous data: exact ties are practically impossible
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_long_rows_take_the_sorted_path_and_match_reference(bits, weighted):
+    """Rows long enough for the prefix-sum evaluation (sorted_error) to pay off, incl. outliers and zeros."""
+    rng = np.random.default_rng(10 + bits)
+    w = rng.standard_t(4, (6, 3000)).astype(np.float32)
+    w[0, :1000] = 0.0
+    w[1, 5] = 40.0
+    w[2] = np.round(w[2] * 3) / 3  # many exact ties between values
+    assert sorted_pays_off(w.shape[1], 2**bits, 2.0)
+    wts = _weights_for(w, rng) if weighted else None
+    s_k, s_r = search_weight_scale(w, bits, weights=wts), search_weight_scale_ref(w, bits, weights=wts)
+    assert_errors_match(weight_error_ref(w, s_k, bits, 2.0, wts), weight_error_ref(w, s_r, bits, 2.0, wts))
+    p2 = search_weight_scale(w, bits, weights=wts, power_of_two=True)
+    p2_ref = search_weight_scale_ref(w, bits, weights=wts, power_of_two=True)
+    assert_errors_match(weight_error_ref(w, p2, bits, 2.0, wts), weight_error_ref(w, p2_ref, bits, 2.0, wts))
 
 
 @settings(max_examples=50, deadline=None)
@@ -87,7 +112,8 @@ def test_edge_rows():
         s_k = search_weight_scale(w, bits)
         assert s_k[0] == 1.0
         assert s_k[3] == np.float32(0.7 / (2 ** (bits - 1) - 1))  # zero error, ties go to the larger scale
-        assert_errors_match(weight_error_ref(w, s_k, bits), weight_error_ref(w, search_weight_scale_ref(w, bits), bits))
+        s_r = search_weight_scale_ref(w, bits)
+        assert_errors_match(weight_error_ref(w, s_k, bits), weight_error_ref(w, s_r, bits))
     single = np.array([[-2.5]], np.float32)
     e_single = weight_error_ref(single, search_weight_scale(single, 4), 4)
     assert_errors_match(e_single, weight_error_ref(single, search_weight_scale_ref(single, 4), 4))
