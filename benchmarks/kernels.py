@@ -3,7 +3,9 @@
 Run from the repository root:  ``python -m benchmarks.kernels`` (prints a Markdown section; ``--write``
 also replaces the "## Kernels" section of BENCHMARKS.md). Workload: the weights of a ResNet-18 (11.7 M values
 in the real layer shapes, random normal with He scaling, fixed seed), 4-bit signed, MSE, 100-point grid plus
-the 100-point refinement, i.e. the defaults of ``search_weight_scale``.
+the 100-point refinement, i.e. the defaults of ``search_weight_scale``. At 4 bits the kernel evaluates the
+candidates from sorted rows and prefix sums (see eptq_fx/kernels/sorted_error.py); a second numba row forces
+the direct one-pass-per-candidate evaluation that the numpy and torch versions use.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from eptq_fx.kernels import search_weight_scale
 from eptq_fx.kernels.reference import search_weight_scale_ref, weight_error_ref
+from eptq_fx.kernels.weight_scale import _search_rows
 
 BITS, N_GRID, MIN_RATIO = 4, 100, 0.2
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +99,17 @@ def torch_search_weight_scale(w: torch.Tensor, bits: int, dtype: torch.dtype = t
     return torch.where(zero, torch.ones_like(out), out).float()
 
 
+def numba_direct_search(w: np.ndarray, bits: int) -> np.ndarray:
+    """The kernel with its sorted prefix-sum evaluation switched off: one fused pass over a row per candidate,
+    the same arithmetic as the numpy and torch versions (a like-for-like row for the table)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    out = np.empty(w.shape[0], dtype=np.float32)
+    dummy = np.ones((1, 1), dtype=np.float32)
+    settings = (qmin, qmax, 2.0, N_GRID, MIN_RATIO, True, False)
+    _search_rows(w, dummy, np.empty((1, 0)), dummy, False, False, settings, out)
+    return out
+
+
 def timed(fn, repeats: int) -> tuple[float, list]:
     times, result = [], None
     for _ in range(repeats):
@@ -142,6 +156,8 @@ def main() -> None:
         torch.set_num_threads(n)
         t, s_numba = timed(lambda: [search_weight_scale(w, BITS) for w in weights], args.repeats)
         rows.append((f"numba kernel (`search_weight_scale`), {n} thread(s)", t, args.repeats))
+        t, _ = timed(lambda: [numba_direct_search(w, BITS) for w in weights], args.repeats)
+        rows.append((f"numba kernel, direct evaluation forced, {n} thread(s)", t, args.repeats))
         for dtype in (torch.float32, torch.float64):
             t, s_t = timed(lambda d=dtype: [torch_search_weight_scale(w, BITS, d) for w in tw], args.repeats)
             s_torch[str(dtype)[6:]] = [x.numpy() for x in s_t]
