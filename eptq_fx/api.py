@@ -15,7 +15,7 @@ from .calibrate import CONFIG_KEY, calibrate, init_weight_scales_, input_names
 from .capture import capture, unwrap
 from .config import EPTQConfig
 from .data import materialize
-from .errors import ConfigError, ModelError
+from .errors import CalibrationDataError, ConfigError, ModelError
 from .passes.annotate import annotate, modularize_functional_ops
 from .passes.convert import convert
 from .passes.fold_bn import fold_batchnorm
@@ -25,9 +25,24 @@ logger = logging.getLogger(__name__)
 
 
 def _check_weights_finite(gm: fx.GraphModule) -> None:
-    for name, p in gm.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise ModelError(f"Parameter {name!r} contains NaN or Inf; fix the checkpoint before quantizing.")
+    # buffers too: a NaN BatchNorm statistic becomes a NaN weight once BN is folded
+    tensors = [("Parameter", n, t) for n, t in gm.named_parameters()] + \
+        [("Buffer", n, t) for n, t in gm.named_buffers()]
+    for kind, name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(f"{kind} {name!r} contains NaN or Inf; fix the checkpoint before quantizing.")
+
+
+def _data_error(e: Exception, calib, float_dtype: torch.dtype | None) -> CalibrationDataError:
+    """The model cannot run on the calibration data: say what the data looks like and what to change."""
+    got = [(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in calib.tensors]
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    hint = "give inputs shaped and typed as the model's forward expects"
+    if float_dtype is not None and any(t.is_floating_point() and t.dtype != float_dtype
+                                       for t in calib.tensors):
+        hint = f"convert the data to the model's dtype (x.to({float_dtype}))"
+    return CalibrationDataError(f"The model fails on the calibration data ({type(e).__name__}: "
+                                f"{first_line}); {hint}; got shape/dtype per input {got}.")
 
 
 def _model_device(module: nn.Module) -> torch.device | None:
@@ -82,17 +97,15 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
         with torch.no_grad():
             gm(*example)
     except Exception as e:
-        from .errors import CalibrationDataError
-        raise CalibrationDataError(
-            f"The model fails on the calibration data ({type(e).__name__}: {e}); check its shape and dtype "
-            f"(got {[(tuple(t.shape), str(t.dtype)) for t in calib.tensors]})."
-        ) from e
+        float_dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), None)
+        raise _data_error(e, calib, float_dtype) from e
     prepared = prepare(gm, config, example_inputs=example)
     if not weight_ops(prepared) and not compare_points(prepared):
         logger.warning("the model has no quantizable layer (conv / linear / matmul): returning it in float")
         return gm
-    if calib.n < config.n_calib:
-        logger.info("using %d calibration samples (config.n_calib=%d)", calib.n, config.n_calib)
+    if calib.n < config.n_calib:  # n_calib is a maximum: run on what there is, but say so
+        logger.warning("the calibration data has %d samples, fewer than config.n_calib=%d: using all %d",
+                       calib.n, config.n_calib, calib.n)
     calibrate(prepared, calib, config=config, progress=progress)
     if config.method == "eptq":
         from .reconstruct import reconstruct

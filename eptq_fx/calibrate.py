@@ -3,7 +3,7 @@ observed data (min/max or MSE)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +23,9 @@ CONFIG_KEY = "eptq_fx.config"  # gm.meta: the EPTQConfig the graph was prepared 
 
 
 def input_names(gm: fx.GraphModule) -> list[str]:
-    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    """The inputs calibration data must provide: every placeholder except unused ones that have a default
+    (e.g. an argument fixed by ``concrete_args``)."""
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder" and (n.users or not n.args)]
 
 
 def init_weight_scales_(gm: fx.GraphModule, config: EPTQConfig,
@@ -78,6 +80,22 @@ class quant_disabled:
         return False
 
 
+def _numbered(batches) -> Iterator:
+    """Iterate a user's data source; one that fails midway is reported with the batch it failed on."""
+    it = iter(batches)
+    batch_no = 0
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise CalibrationDataError(f"Reading calibration batch {batch_no} raised {type(e).__name__}: {e}; "
+                                       f"fix the data source (nothing was calibrated).") from e
+        yield batch
+        batch_no += 1
+
+
 @torch.no_grad()
 def calibrate(prepared: fx.GraphModule, calib_data, forward_fn: Callable | None = None,
               config: EPTQConfig | None = None, progress: bool = True) -> fx.GraphModule:
@@ -95,7 +113,7 @@ def calibrate(prepared: fx.GraphModule, calib_data, forward_fn: Callable | None 
     seen = 0
     try:
         if forward_fn is not None:
-            for batch in tqdm(calib_data, desc="calibrate", disable=not progress, leave=False):
+            for batch in tqdm(_numbered(calib_data), desc="calibrate", disable=not progress, leave=False):
                 forward_fn(prepared, batch)
                 seen += 1
         else:
@@ -104,13 +122,21 @@ def calibrate(prepared: fx.GraphModule, calib_data, forward_fn: Callable | None 
             n_batches = -(-calib.n // config.calib_batch_size)
             for _, args in tqdm(calib.batches(config.calib_batch_size), total=n_batches, desc="calibrate",
                                 disable=not progress, leave=False):
-                prepared(*args)
+                try:
+                    prepared(*args)
+                except Exception as e:
+                    first_line = (str(e).strip().splitlines() or [""])[0]
+                    raise CalibrationDataError(
+                        f"The model fails on calibration batch {seen} ({type(e).__name__}: {first_line}); give "
+                        f"inputs shaped and typed as the model's forward expects; got "
+                        f"{[(tuple(a.shape), str(a.dtype)) for a in args]}.") from e
                 seen += 1
         if seen == 0:
             raise CalibrationDataError("Calibration data is empty: give at least one batch of model inputs.")
         unseen = [name for name, q in aqs.items() if not q.observed()]
         if unseen:
-            raise CalibrationDataError(f"Calibration never reached the activation quantizer(s) {unseen}.")
+            raise CalibrationDataError(f"Calibration never reached the activation quantizer(s) {unseen}; "
+                                       f"forward_fn must run the model on each batch.")
         for q in aqs.values():
             q.finalize_(config.act_range, config.n_grid)
     finally:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
+import re
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx._symbolic_trace import _assert_is_none
 
 from .errors import ModelError, TraceError
 
@@ -37,6 +40,22 @@ class _Tracer(fx.Tracer):
         return out
 
 
+_SPECIALIZATION_CHECKS = (operator.eq, torch._assert, _assert_is_none)
+
+
+def _drop_specialization_asserts_(graph: fx.Graph, concrete_args: dict) -> None:
+    """fx keeps each concrete arg as a placeholder whose only use is an assertion of its fixed value. That use
+    would make the arg look like a data input to every later stage (calibration, block inputs), while the
+    traced code already uses the fixed value: drop the assertion; the arg stays in the signature, unused."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        if not any(re.fullmatch(rf"{re.escape(str(k))}(_\d+)?", str(node.target)) for k in concrete_args):
+            continue
+        checks = list(node.users) + [u for c in node.users for u in c.users]
+        if checks and all(c.op == "call_function" and c.target in _SPECIALIZATION_CHECKS for c in checks):
+            for c in reversed(checks):
+                graph.erase_node(c)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip DataParallel / DistributedDataParallel wrappers."""
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -59,8 +78,11 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, leaf_modules:
         gm.eval()
         return gm
     model = unwrap(model)
-    if model.training:
-        logger.info("model is in training mode: tracing a copy in eval mode (your model is left as it was)")
+    in_training = [name for name, m in model.named_modules() if name and m.training]
+    if model.training or in_training:  # e.g. a BatchNorm left in train() would use batch statistics
+        what = "the model is" if model.training else f"module(s) {', '.join(in_training[:5])} are"
+        logger.warning("%s in training mode: quantizing an eval-mode copy (running BatchNorm statistics, no "
+                       "dropout); your model is left as it was", what)
     root = copy.deepcopy(model).eval()
     tracer = _Tracer(leaf_modules, autowrap_functions)
     try:
@@ -69,10 +91,13 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, leaf_modules:
         where = tracer.stack[-1] if tracer.stack else ("", type(root).__name__)
         name = where[0] or "<root>"
         raise TraceError(
-            f"torch.fx could not trace module {name!r} ({where[1]}): {type(e).__name__}: {e}. "
+            f"torch.fx could not trace module {name!r} ({where[1]}): {type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0]} "
             f"Pass leaf_modules=[{where[1]}] (or its name {name!r}) to keep it as an opaque call, or "
             f"concrete_args={{...}} to fix the inputs that drive its Python control flow."
         ) from e
+    if concrete_args:
+        _drop_specialization_asserts_(graph, concrete_args)
     gm = fx.GraphModule(tracer.root, graph, type(root).__name__)
     gm.eval()
     if example_inputs is not None:

@@ -210,5 +210,6 @@ def check_override_names(config: EPTQConfig, known_names: list[str]) -> None:
     for o in config.overrides:
         if o.name is not None and o.name not in known_names:
             close = difflib.get_close_matches(o.name, known_names, n=3)
-            hint = f" Close matches: {', '.join(close)}." if close else ""
+            hint = f" Close matches: {', '.join(close)}." if close else \
+                f" Quantizable layers: {', '.join(known_names[:5])}{', ...' if len(known_names) > 5 else ''}."
             raise ConfigError(f"Override name {o.name!r} matches no quantizable layer.{hint}")

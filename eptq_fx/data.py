@@ -84,14 +84,22 @@ def _check_batch(args: tuple, n_inputs: int, batch_no: int, reference: tuple | N
             raise CalibrationDataError(f"Calibration batch {batch_no}, input {j} is a {type(t).__name__}, not a tensor.")
         if t.dim() == 0:
             raise CalibrationDataError(f"Calibration batch {batch_no}, input {j} is a scalar; it needs a batch dim.")
+        if t.device.type == "meta":  # shapes without values: nothing to calibrate on (and no finiteness check)
+            raise CalibrationDataError(f"Calibration batch {batch_no}, input {j} is on the meta device and holds "
+                                       f"no values; load the real data.")
+        if reference is not None and t.device != reference[j].device:
+            raise CalibrationDataError(f"Calibration batch {batch_no}, input {j} is on {t.device} but batch 0 is "
+                                       f"on {reference[j].device}; put every batch on one device.")
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CalibrationDataError(f"Calibration batch {batch_no}, input {j} contains NaN or Inf values.")
+            raise CalibrationDataError(f"Calibration batch {batch_no}, input {j} contains NaN or Inf values; "
+                                       f"clean or drop that batch.")
         if reference is not None:
             r = reference[j]
             if t.shape[1:] != r.shape[1:] or t.dtype != r.dtype:
                 raise CalibrationDataError(
                     f"Calibration batch {batch_no}, input {j} has shape {tuple(t.shape)} / {t.dtype}, "
-                    f"unlike batch 0's {tuple(r.shape)} / {r.dtype}."
+                    f"unlike batch 0's {tuple(r.shape)} / {r.dtype}; give every batch the same sample shape "
+                    f"and dtype."
                 )
 
 
@@ -123,7 +131,8 @@ def materialize(calib_data, input_names: Sequence[str], max_samples: int | None 
             break
         except Exception as e:  # a generator that fails midway: say where, keep the cause
             raise CalibrationDataError(
-                f"Reading calibration batch {batch_no} raised {type(e).__name__}: {e}"
+                f"Reading calibration batch {batch_no} raised {type(e).__name__}: {e}; fix the data source "
+                f"(nothing was quantized)."
             ) from e
         args = _as_args(batch, input_names, batch_no)
         _check_batch(args, len(input_names), batch_no, parts[0] if parts else None)
