@@ -46,14 +46,17 @@ _SPECIALIZATION_CHECKS = (operator.eq, torch._assert, _assert_is_none)
 def _drop_specialization_asserts_(graph: fx.Graph, concrete_args: dict) -> None:
     """fx keeps each concrete arg as a placeholder whose only use is an assertion of its fixed value. That use
     would make the arg look like a data input to every later stage (calibration, block inputs), while the
-    traced code already uses the fixed value: drop the assertion; the arg stays in the signature, unused."""
+    traced code already uses the fixed value: drop the assertion. An arg with a default stays in the
+    signature, unused (callers may still pass it); one without is removed, so data holds real inputs only."""
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
         if not any(re.fullmatch(rf"{re.escape(str(k))}(_\d+)?", str(node.target)) for k in concrete_args):
             continue
         checks = list(node.users) + [u for c in node.users for u in c.users]
-        if checks and all(c.op == "call_function" and c.target in _SPECIALIZATION_CHECKS for c in checks):
+        if all(c.op == "call_function" and c.target in _SPECIALIZATION_CHECKS for c in checks):
             for c in reversed(checks):
                 graph.erase_node(c)
+            if not node.args:
+                graph.erase_node(node)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -114,11 +114,29 @@ def test_untraceable_module_is_named_and_leaf_modules_fix_it():
     assert has_qdq(quantize(WithGate(), data(), leaf_modules=[GatedBlock]))
 
 
+class LeadingFlag(MLP):
+    def forward(self, double: bool, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = super().forward(x)
+        return 2 * y if double else y
+
+
 def test_control_flow_on_an_argument_suggests_concrete_args_which_fix_it():
     with pytest.raises(TraceError, match="concrete_args"):
         quantize(WithFlag(), data())
-    gm = quantize(WithFlag(), data(), concrete_args={"double": False})
+    model = WithFlag().eval()
+    gm = quantize(model, data(), TINY, concrete_args={"double": True})
     assert has_qdq(gm)
+    x = data(4, seed=1)
+    assert F.cosine_similarity(gm(x).flatten(), model(x, True).flatten(), dim=0) > 0.9
+
+
+def test_concrete_arg_without_default_is_not_mistaken_for_a_data_input():
+    """A fixed leading argument: the calibration data holds only ``x``, the quantized model takes only ``x``."""
+    model = LeadingFlag().eval()
+    gm = quantize(model, data(), TINY, concrete_args={"double": True})
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    x = data(4, seed=1)
+    assert F.cosine_similarity(gm(x).flatten(), model(True, x).flatten(), dim=0) > 0.9
 
 
 class NoQuantizable(nn.Module):
