@@ -187,6 +187,7 @@ def main() -> None:
     lines += [f"| {name} | {t:.3f} | {n} | {t_ref / t:.1f}x |" for name, t, n in rows]
     lines += [
         "",
+        target_line(rows, t_ref),
         f"- numba first call in a fresh process: {cold:.2f} s with an empty cache (compilation), "
         f"{warm:.2f} s with the on-disk cache (`cache=True`); both excluded from the table.",
         f"- numba vs reference: identical scale on {agree(s_ref)}/{n_ch} channels; worst per-channel "
@@ -207,6 +208,18 @@ def main() -> None:
     print(text)
     if args.write:
         write_section(REPO / "BENCHMARKS.md", text)
+
+
+def target_line(rows: list[tuple[str, float, int]], t_ref: float) -> str:
+    """One line on the brief's target: numba >= 10x the numpy reference and faster than torch."""
+    best = min(t for name, t, _ in rows if name.startswith("numba kernel (`"))
+    torch_best = min(t for name, t, _ in rows if name.startswith("torch"))
+    met = t_ref / best >= 10 and best < torch_best
+    return (
+        f"- Target (numba >= 10x the numpy reference and faster than torch): the kernel's best row is "
+        f"{t_ref / best:.1f}x the reference and {torch_best / best:.1f}x faster than the fastest torch row: "
+        f"{'met' if met else 'NOT met'}."
+    )
 
 
 def write_section(path: Path, section: str) -> None:
