@@ -5,7 +5,8 @@
 
 Every (model, method, bits) runs in a fresh subprocess (``--one``), because peak RSS is per process and never
 goes down; the child prints one JSON line (see ``RESULT_KEYS``) and the parent collects them into
-benchmarks/results/<out>.json, a "## Comparison" section of BENCHMARKS.md and benchmarks/results/<out>.png.
+benchmarks/results/<out>.json (rewritten after every setting), a "## Comparison" section of BENCHMARKS.md and
+benchmarks/results/<out>.png; each child's log goes to runs/compare/<out>/ (not committed).
 ``--quick``: 256 calibration images, 2000 test images, tiny optimisation budgets (a smoke test).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -89,20 +91,30 @@ def parse_result_line(stdout: str) -> dict | None:
     return None
 
 
-def run_in_subprocess(args: argparse.Namespace, model: str, method: str, bits: str) -> dict:
+def run_in_subprocess(args: argparse.Namespace, model: str, method: str, bits: str, log_dir: Path) -> dict:
+    """Run one setting in a fresh interpreter; its stdout and stderr go to a log file (tail it to follow
+    progress), from which the result line is read back."""
     cmd = _child_command(args, model, method, bits)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{model}_{method}_{bits}.log"
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=args.timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        row = parse_result_line(proc.stdout)
-        failure = None if row else f"child exited {proc.returncode} without a result: {proc.stderr[-1500:]}"
-    except subprocess.TimeoutExpired:
-        row, failure = None, f"timed out after {args.timeout} s"
+    with open(log_path, "w") as log_file:
+        log_file.write(" ".join(cmd) + "\n")
+        log_file.flush()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                  timeout=args.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            failure = f"child exited {proc.returncode} without a result line"
+        except subprocess.TimeoutExpired:
+            failure = f"timed out after {args.timeout} s"
+    output = log_path.read_text(errors="replace")
+    row = parse_result_line(output)
     if row is None:
         row = {k: None for k in RESULT_KEYS} | {"model": model, "method": method, "bits": bits.upper(),
-                                                "status": "error", "reason": failure, "details": {}}
+                                                "status": "error", "details": {},
+                                                "reason": f"{failure}; end of log: {output[-800:]}"}
     row["process_s"] = time.perf_counter() - start
+    row["log"] = str(log_path)
     return row
 
 
@@ -146,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_all(args: argparse.Namespace, argv: list[str]) -> None:
-    from benchmarks.report import write_outputs
+    from benchmarks.report import earlier_results, write_json, write_report
     from benchmarks.train_models import ensure_trained
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -158,22 +170,24 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
     for b in bit_settings:
         parse_bits(b)
     ensure_trained(models)
-    rows = []
+    command = "python -m benchmarks.compare " + " ".join(argv)
+    out = args.out or ("compare_quick" if args.quick else "compare")
+    stem, log_dir = RESULTS_DIR / out, REPO_ROOT / "runs" / "compare" / out
+    markdown = args.markdown or ("none" if args.quick else str(REPO_ROOT / "BENCHMARKS.md"))
     plan = [(m, "float", FLOAT_BITS) for m in models] + [(m, meth, b) for m in models for meth in methods
-                                                        for b in bit_settings]
+                                                         for b in bit_settings]
+    earlier = earlier_results(stem, command) if args.merge else ([], [])
+    rows: list[dict] = []
     for i, (model, method, bits) in enumerate(plan, 1):
-        row = run_in_subprocess(args, model, method, bits)
+        row = run_in_subprocess(args, model, method, bits, log_dir)
         rows.append(row)
+        # written after every setting, so an interrupted run keeps what it measured
+        write_json(rows, command, stem, earlier)
         shown = f"{row['top1']:.2f}%" if row.get("top1") is not None else row.get("reason")
         print(f"[{i}/{len(plan)}] {model} {method} {bits}: {row['status']} {shown} "
               f"(quantize {row.get('quantize_s') or 0:.1f} s, peak RSS {row.get('peak_rss_mib') or 0:.0f} MiB)",
               flush=True)
-    command = "python -m benchmarks.compare " + " ".join(argv)
-    out = args.out or ("compare_quick" if args.quick else "compare")
-    markdown = args.markdown or ("none" if args.quick else str(REPO_ROOT / "BENCHMARKS.md"))
-    paths = write_outputs(rows, command, RESULTS_DIR / out, None if markdown == "none" else markdown,
-                          merge=args.merge)
-    for p in paths:
+    for p in write_report(stem, None if markdown == "none" else markdown):
         print(f"wrote {p}")
 
 

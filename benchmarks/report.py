@@ -77,6 +77,14 @@ def _note(row: dict) -> str:
     return ""
 
 
+def _table_order(rows: list[dict]) -> list[dict]:
+    """Grouped by bit setting (in first-seen order), then methods in METHOD_NOTES order."""
+    bit_order = list(dict.fromkeys(r["bits"] for r in rows))
+    method_order = list(METHOD_NOTES)
+    return sorted(rows, key=lambda r: (bit_order.index(r["bits"]), method_order.index(r["method"])
+                                       if r["method"] in method_order else len(method_order)))
+
+
 def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> str:
     v = machine["versions"]
     lines = [SECTION_TITLE, "",
@@ -89,7 +97,7 @@ def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> st
              "Command" + ("s" if len(commands) > 1 else "") + ":", ""]
     lines += [f"    {c}" for c in commands] + [""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        model_rows = [r for r in rows if r["model"] == model and r["method"] != "float"]
+        model_rows = _table_order([r for r in rows if r["model"] == model and r["method"] != "float"])
         float_top1 = _float_top1(rows, model)
         first = next(r for r in rows if r["model"] == model)
         n_test = next((r.get("n_test") for r in rows if r["model"] == model and r.get("n_test")), None)
@@ -154,21 +162,33 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], command: str, stem: Path, markdown_path: str | None,
-                  merge: bool = False) -> list[Path]:
+def earlier_results(stem: Path, command: str) -> tuple[list[dict], list[str]]:
+    """Rows and commands already in ``<stem>.json`` (for ``--merge``); this command is left out."""
+    path = stem.with_suffix(".json")
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    return old.get("results", []), [c for c in old.get("commands", []) if c != command]
+
+
+def write_json(rows: list[dict], command: str, stem: Path,
+               earlier: tuple[list[dict], list[str]] = ([], [])) -> Path:
+    """Write ``<stem>.json``: this run's ``rows`` plus the ``earlier`` rows of settings this run did not redo."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
-    commands = [command]
-    if merge and json_path.is_file():
-        old = json.loads(json_path.read_text())
-        rows = _merge(old.get("results", []), rows)
-        commands = [c for c in old.get("commands", []) if c != command] + commands
-    machine = machine_description()
-    json_path.write_text(json.dumps({"commands": commands, "machine": machine, "results": rows}, indent=1,
-                                    default=str))
-    written = [json_path]
+    json_path = stem.with_suffix(".json")
+    old_rows, old_commands = earlier
+    payload = {"commands": old_commands + [command], "machine": machine_description(),
+               "results": _merge(old_rows, rows)}
+    json_path.write_text(json.dumps(payload, indent=1, default=str))
+    return json_path
+
+
+def write_report(stem: Path, markdown_path: str | None) -> list[Path]:
+    """The plot ``<stem>.png`` and (optionally) the Comparison section of ``markdown_path``, from
+    ``<stem>.json``."""
+    data = json.loads(stem.with_suffix(".json").read_text())
+    rows, commands, machine = data["results"], data["commands"], data["machine"]
+    png_path = stem.with_suffix(".png")
     plot(rows, png_path)
-    written.append(png_path)
+    written = [stem.with_suffix(".json"), png_path]
     if markdown_path is not None:
         md = Path(markdown_path)
         text = md.read_text() if md.is_file() else "# Benchmarks\n"

@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_models [--models mobilenetv2_fmnist,vit_fmnist] [--force] [--threads 2]
 
-Seeded and deterministic on a given machine: AdamW with a one-cycle learning rate, batch 128, no augmentation.
+Seeded (deterministic on a given machine and thread count): AdamW with a one-cycle learning rate, batch 128, no augmentation.
 Weights go to benchmarks/.weights/<name>.pt with a <name>.json beside it (float top-1 on the full test split,
 training time), so a benchmark run can report the float accuracy without re-evaluating.
 """
@@ -33,7 +33,8 @@ def train(spec: ModelSpec, seed: int = 0) -> dict:
         raise ValueError(f"{spec.name} uses a pretrained checkpoint; nothing to train")
     torch.manual_seed(seed)
     x, y = load_train(spec.dataset, spec.prep)
-    model = spec.architecture().train()
+    # channels_last: CPU convolution backward (depthwise above all) runs about twice as fast in that layout
+    model = spec.architecture().train().to(memory_format=torch.channels_last)
     steps = spec.train_epochs * ((len(x) + BATCH_SIZE - 1) // BATCH_SIZE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=PEAK_LR, total_steps=steps, pct_start=0.2)
@@ -43,7 +44,8 @@ def train(spec: ModelSpec, seed: int = 0) -> dict:
             order = torch.randperm(len(x), generator=order_rng)
             for i in range(0, len(x), BATCH_SIZE):
                 idx = order[i:i + BATCH_SIZE]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                batch = x[idx].contiguous(memory_format=torch.channels_last)
+                loss = F.cross_entropy(model(batch), y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -56,7 +58,7 @@ def train(spec: ModelSpec, seed: int = 0) -> dict:
               "train_s": timer.seconds, "epochs": spec.train_epochs, "seed": seed,
               "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), spec.cached_weights)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, spec.cached_weights)
     spec.cached_weights.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result
 

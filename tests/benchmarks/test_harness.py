@@ -122,3 +122,40 @@ def test_mct_eight_bit_anchors_and_activation_choice_tpc():
                  for c in op.qc_options.quantization_configurations if c.enable_activation_quantization]
     assert quantized and {c.activation_n_bits for c in quantized} == {4, 8}
     assert tpc.default_qco.base_config.activation_n_bits == 4
+
+
+def _row(method: str, bits: str, top1: float | None, status: str = "ok", reason: str | None = None) -> dict:
+    return {k: None for k in RESULT_KEYS} | {"model": "resnet20", "dataset": "cifar10", "method": method,
+                                             "bits": bits, "top1": top1, "status": status, "reason": reason,
+                                             "quantize_s": 12.5, "peak_rss_mib": 700.0, "n_test": 10_000,
+                                             "n_calib": 1024, "quick": False, "details": {}}
+
+
+def test_report_writes_json_table_and_plot(tmp_path):
+    from benchmarks.report import write_json, write_report
+
+    rows = [_row("float", "FP32", 80.0), _row("mct_ptq", "W4A8", 75.5),
+            _row("torchao_fx", "W4A8", None, "unsupported", "int8 only")]
+    stem = tmp_path / "cmp"
+    write_json(rows, "python -m benchmarks.compare --x", stem)
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n\n## Kernels\nkeep\n")
+    write_report(stem, str(md))
+    text = md.read_text()
+    assert "keep" in text and "## Comparison" in text and "python -m benchmarks.compare --x" in text
+    line = next(l for l in text.splitlines() if l.startswith("| W4A8 | mct_ptq"))
+    assert "| 75.50 | +4.50 |" in line
+    assert "unsupported: int8 only" in next(l for l in text.splitlines() if "torchao_fx" in l and l.startswith("|"))
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "cmp.json").read_text())["results"] == rows
+
+
+def test_merge_keeps_other_settings_and_replaces_redone_ones(tmp_path):
+    from benchmarks.report import earlier_results, write_json
+
+    stem = tmp_path / "cmp"
+    write_json([_row("float", "FP32", 80.0), _row("mct_ptq", "W4A8", 70.0)], "first", stem)
+    write_json([_row("mct_ptq", "W4A8", 75.5)], "second", stem, earlier_results(stem, "second"))
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert data["commands"] == ["first", "second"]
+    assert [(r["method"], r["top1"]) for r in data["results"]] == [("float", 80.0), ("mct_ptq", 75.5)]
