@@ -44,7 +44,9 @@ def run_fingerprint(prepared: fx.GraphModule, config: EPTQConfig, calib: CalibSe
             continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    cfg = json.dumps(config.fingerprint_dict(), sort_keys=True, default=str)
+    settings = config.fingerprint_dict()
+    settings["hessian"].pop("cache_dir", None)  # where Hessians are cached does not change the result
+    cfg = json.dumps(settings, sort_keys=True, default=str)
     return {"format": FORMAT, "model": h.hexdigest()[:16],
             "config": hashlib.sha256(cfg.encode()).hexdigest()[:16], "data": calib.fingerprint()}
 
