@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .api import quantize
-from .config import EPTQConfig
+from .config import EPTQConfig, ReconstructionConfig
 from .errors import CalibrationDataError, ConfigError
 from .zoo_cifar import DEPTHS, RESNET_MEAN, RESNET_STD, load_cifar_resnet
 
@@ -210,19 +210,24 @@ def cifar_model(data_dir: Path, name: str) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- demo
-def demo_config(weight_bits: int, act_bits: int, method: str, n_calib: int, seed: int = 0) -> EPTQConfig:
-    return EPTQConfig(weight_bits=weight_bits, act_bits=act_bits, method=method, n_calib=n_calib, seed=seed)
+def demo_config(weight_bits: int, act_bits: int, method: str, n_calib: int, seed: int = 0,
+                iters: int | None = None) -> EPTQConfig:
+    """The library defaults; ``iters`` shortens EPTQ's per-block optimisation."""
+    recon = ReconstructionConfig() if iters is None else ReconstructionConfig(iters=iters)
+    return EPTQConfig(weight_bits=weight_bits, act_bits=act_bits, method=method, n_calib=n_calib, seed=seed,
+                      reconstruction=recon)
 
 
 def run_demo(model: str = "digits", data_dir: str | Path | None = None, bits: Sequence[str] = ("W8A8", "W4A8"),
              methods: Sequence[str] | None = None, n_calib: int = 1024, seed: int = 0,
-             cache_dir: str | Path = ".cache", progress: bool = False,
+             cache_dir: str | Path = ".cache", progress: bool = False, iters: int | None = None,
              on_result: Callable[[DemoResult], None] | None = None) -> list[DemoResult]:
     """Quantize ``model`` at every (method, bits) pair and measure accuracy against float.
 
     ``model="digits"`` trains (or loads from ``cache_dir``) the built-in digits CNN; ``"resnet20"`` /
     ``"resnet56"`` need ``data_dir`` (the shared data folder). ``methods`` defaults to RTN plus EPTQ when the
-    reconstruction stage is available. ``on_result`` is called with each row as soon as it is measured."""
+    reconstruction stage is available; ``iters`` overrides EPTQ's optimisation steps per block.
+    ``on_result`` is called with each row as soon as it is measured."""
     if model not in DEMO_MODELS:
         raise ConfigError(f"demo model must be one of {DEMO_MODELS}, got {model!r}.")
     methods = list(methods) if methods is not None else default_methods()
@@ -231,7 +236,7 @@ def run_demo(model: str = "digits", data_dir: str | Path | None = None, bits: Se
         raise ConfigError("method 'eptq' needs eptq_fx.reconstruct, which is not importable in this install.")
     for method in methods:  # validate every setting before spending minutes on the first one
         for w, a in pairs:
-            demo_config(w, a, method, n_calib, seed)
+            demo_config(w, a, method, n_calib, seed, iters)
     if model == "digits":
         split = digits_split(seed=seed)
         net = digits_model(split, Path(cache_dir), seed=seed)
@@ -249,7 +254,7 @@ def run_demo(model: str = "digits", data_dir: str | Path | None = None, bits: Se
     for method in methods:
         for (w, a), label in zip(pairs, bits):
             t0 = time.perf_counter()
-            quantized = quantize(net, calib, demo_config(w, a, method, n_calib, seed),
+            quantized = quantize(net, calib, demo_config(w, a, method, n_calib, seed, iters),
                                  progress=progress)
             seconds = time.perf_counter() - t0
             row = DemoResult(model, method, label.upper(), float_acc,

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (the Q/DQ ops must be registered to load / run)
-import torch.fx as fx
+import torch.ao.quantization.fx._decomposed
+from torch import fx
 
 from .errors import ModelError
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import eptq_fx

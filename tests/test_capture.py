@@ -5,8 +5,7 @@ import hashlib
 
 import pytest
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 import eptq_fx
 from eptq_fx import EPTQConfig, TraceError, capture

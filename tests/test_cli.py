@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from eptq_fx import ConfigError, demo
 from eptq_fx.cli import load_calibration, load_model, main
@@ -122,3 +122,17 @@ def test_cifar_demo_data_and_float_accuracy(shared_data):
     model = cifar_model(shared_data, "resnet20")
     acc = accuracy(model, split.x_test[::10], split.y_test[::10])  # 1000 images, 100 per class
     assert 0.75 < acc < 0.88  # README: about 81% on the JPEG copy
+
+
+@pytest.mark.slow
+def test_digits_demo_with_eptq_is_no_worse_than_rtn(tmp_path):
+    pytest.importorskip("eptq_fx.reconstruct")
+    rtn, eptq = run_demo(bits=["W4A4"], methods=["rtn", "eptq"], n_calib=512, cache_dir=tmp_path, iters=200)
+    assert eptq.quant_acc >= rtn.quant_acc - 0.005
+
+
+@pytest.mark.slow
+def test_cifar_resnet20_demo_w8a8_keeps_accuracy(shared_data):
+    (row,) = run_demo(model="resnet20", data_dir=shared_data, bits=["W8A8"], methods=["rtn"], n_calib=256)
+    assert 0.78 < row.float_acc < 0.84
+    assert row.quant_acc > row.float_acc - 0.01

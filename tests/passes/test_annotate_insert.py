@@ -5,8 +5,7 @@ import operator
 
 import pytest
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from eptq_fx import ConfigError, EPTQConfig, Override, prepare
 from eptq_fx.meta import LAYER_QUANT

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.fx as fx
+from torch import fx
 
 import eptq_fx
 from eptq_fx import EPTQConfig, convert
@@ -44,7 +44,7 @@ def test_qdq_ops_with_integer_weights_of_the_real_bit_width(w4a4_resnet):
     assert len(dq_w) == len([m for m in prepared.modules() if isinstance(m, QuantWeightOp)]) == 7
     ranges = set()
     for node in dq_w:
-        w_node, s_node, _, axis, qmin, qmax, dtype = node.args
+        w_node, _, _, axis, qmin, qmax, dtype = node.args
         w_int = attr(gm, w_node)
         assert w_int.dtype == torch.int8 and dtype == torch.int8 and axis == 0
         assert qmin <= int(w_int.min()) and int(w_int.max()) <= qmax
@@ -95,7 +95,7 @@ def test_converted_outputs_match_the_prepared_model(name, bits):
 
 
 def test_convert_leaves_the_prepared_model_alone(w4a4_resnet):
-    prepared, _, x = w4a4_resnet
+    prepared, _, _ = w4a4_resnet
     before = {k: v.clone() for k, v in prepared.state_dict().items()}
     convert(prepared)
     assert any(isinstance(m, QuantWeightOp) for m in prepared.modules())
