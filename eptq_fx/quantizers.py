@@ -35,11 +35,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity forward, gradient multiplied by ``factor`` (LSQ's step-size gradient scaling)."""
-    return x * factor + (x - x * factor).detach()
-
-
 def rectified_sigmoid(v: torch.Tensor, gamma: float, zeta: float) -> torch.Tensor:
     """AdaRound's h(V) = clip(σ(V)(ζ−γ)+γ, 0, 1)."""
     return torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
@@ -69,6 +64,9 @@ class WeightQuantizer(nn.Module):
         self.qmin, self.qmax = signed_range(bits)
         self.mode = "round"
         self.scale = nn.Parameter(torch.ones(n_channels), requires_grad=False)
+        # trained in log space so that one optimiser step changes the step size by a relative amount, whatever
+        # its magnitude (Adam's absolute steps would swamp a 1e-3 scale); folded into ``scale`` by fold_gain_
+        self.log_gain = nn.Parameter(torch.zeros(n_channels), requires_grad=False)
         self.register_buffer("w_floor", torch.empty(0))
         self.alpha: nn.Parameter | None = None
         self.gamma, self.zeta = -0.1, 1.1
@@ -77,7 +75,12 @@ class WeightQuantizer(nn.Module):
         self._bshape = tuple(shape)
 
     def _s(self) -> torch.Tensor:
-        return self.scale.view(self._bshape)
+        return (self.scale * torch.exp(self.log_gain)).view(self._bshape)
+
+    def fold_gain_(self) -> None:
+        with torch.no_grad():
+            self.scale.mul_(torch.exp(self.log_gain))
+            self.log_gain.zero_()
 
     def set_scale_(self, scale: np.ndarray | torch.Tensor) -> None:
         with torch.no_grad():
@@ -171,6 +174,7 @@ class ActQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.train_scale = False
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
+        self.log_gain = nn.Parameter(torch.tensor(0.0), requires_grad=False)  # see WeightQuantizer.log_gain
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.register_buffer("obs_min", torch.tensor(math.inf))
         self.register_buffer("obs_max", torch.tensor(-math.inf))
@@ -215,10 +219,13 @@ class ActQuantizer(nn.Module):
         self.mode = "on"
 
     # -- forward -------------------------------------------------------------------------------------------
+    def fold_gain_(self) -> None:
+        with torch.no_grad():
+            self.scale.mul_(torch.exp(self.log_gain))
+            self.log_gain.zero_()
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.scale
-        if self.train_scale:
-            s = grad_scale(s, 1.0 / math.sqrt(max(1, x[0].numel()) * self.qmax))
+        s = self.scale * torch.exp(self.log_gain) if self.train_scale else self.scale
         # x·(1/s), not x/s: the same arithmetic as quantized_decomposed.quantize_per_tensor, so convert matches
         q = torch.clamp(round_ste(x * (1.0 / s)) + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * s

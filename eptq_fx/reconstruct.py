@@ -83,6 +83,13 @@ class _Trainer:
 
     def __init__(self, parts: BlockParts, rc: ReconstructionConfig):
         self.parts, self.rc = parts, rc
+        # what round-to-nearest had, to fall back on if the optimised block ends up worse (see revert_)
+        self.rtn_state = {
+            "weights": [(op.weight_quant.scale.detach().clone(),
+                         None if op.op.bias is None else op.op.bias.detach().clone())
+                        for op in parts.weight_ops.values()],
+            "acts": [aq.scale.detach().clone() for aq in parts.act_quants.values()],
+        }
         groups = []
         for op in parts.weight_ops.values():
             wq = op.weight_quant
@@ -92,14 +99,14 @@ class _Trainer:
                 op.op.bias.requires_grad_(True)
                 groups.append({"params": [op.op.bias], "lr": rc.lr_bias})
             if rc.train_weight_scale:
-                wq.scale.requires_grad_(True)
-                groups.append({"params": [wq.scale], "lr": rc.lr_scale})
+                wq.log_gain.requires_grad_(True)
+                groups.append({"params": [wq.log_gain], "lr": rc.lr_scale})
         for aq in parts.act_quants.values():
             aq.drop_prob = rc.qdrop
             if rc.train_act_scale:
                 aq.train_scale = True
-                aq.scale.requires_grad_(True)
-                groups.append({"params": [aq.scale], "lr": rc.lr_scale})
+                aq.log_gain.requires_grad_(True)
+                groups.append({"params": [aq.log_gain], "lr": rc.lr_scale})
         self.opt = torch.optim.Adam(groups) if groups else None
 
     def beta(self, step: int) -> float | None:
@@ -124,18 +131,31 @@ class _Trainer:
             total = total + w * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
         return self.rc.reg_factor * total
 
+    def revert_(self) -> None:
+        """Back to round-to-nearest: scales and biases as they were, rounding decisions = nearest."""
+        with torch.no_grad():
+            for op, (scale, bias) in zip(self.parts.weight_ops.values(), self.rtn_state["weights"]):
+                wq = op.weight_quant
+                wq.scale.copy_(scale)
+                if bias is not None:
+                    op.op.bias.copy_(bias)
+                up = torch.round(op.weight / scale.view(wq._bshape)) > wq.w_floor
+                wq.alpha.copy_(torch.where(up, 1.0, -1.0))
+            for aq, scale in zip(self.parts.act_quants.values(), self.rtn_state["acts"]):
+                aq.scale.copy_(scale)
+
     def finish(self) -> None:
         for op in self.parts.weight_ops.values():
             op.weight_quant.harden_()
             op.weight_quant.alpha.requires_grad_(False)
-            op.weight_quant.scale.requires_grad_(False)
+            op.weight_quant.log_gain.requires_grad_(False)
+            op.weight_quant.fold_gain_()
             if op.op.bias is not None:
                 op.op.bias.requires_grad_(False)
         for aq in self.parts.act_quants.values():
             aq.float_mix, aq.drop_prob, aq.train_scale = 0.0, 0.0, False
-            aq.scale.requires_grad_(False)
-            with torch.no_grad():  # a trained scale must stay a valid (positive) step
-                aq.scale.clamp_(min=1e-8)
+            aq.log_gain.requires_grad_(False)
+            aq.fold_gain_()
 
 
 def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx: torch.Tensor | None,
@@ -154,7 +174,6 @@ def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx
 
 def _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progress) -> tuple[float, float]:
     n_out = len(block.outputs)
-    trainer = _Trainer(parts, rc)
     n = f_targets[0].shape[0]
     eval_idx = torch.arange(min(EVAL_SAMPLES, n))
 
@@ -165,7 +184,8 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progres
 
     reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
     with torch.no_grad():
-        loss_before = float(block_loss(eval_idx))
+        loss_before = float(block_loss(eval_idx))  # round-to-nearest, the baseline the block must beat
+    trainer = _Trainer(parts, rc)
     if trainer.opt is not None:
         sub.train()
         for step in tqdm(range(rc.iters), desc=f"block {block.index}", disable=not progress, leave=False):
@@ -182,6 +202,12 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progres
     trainer.finish()
     with torch.no_grad():
         loss_after = float(block_loss(eval_idx))
+        if loss_after > loss_before:
+            # too few steps to settle the rounding: keep round-to-nearest rather than ship a worse block
+            trainer.revert_()
+            logger.info("block %d: optimised loss %.4g > round-to-nearest %.4g, kept round-to-nearest",
+                        block.index, loss_after, loss_before)
+            loss_after = float(block_loss(eval_idx))
     return loss_before, loss_after
 
 

@@ -1,0 +1,101 @@
+"""EPTQ reconstruction: the soft-rounding quantizer, the schedules, and that it beats round-to-nearest."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import eptq_fx
+from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
+from eptq_fx.quantizers import WeightQuantizer, rectified_sigmoid
+from eptq_fx.reconstruct import _Trainer, BlockParts
+from tests.models import make_model, example_input
+
+
+def _quantizer(w: torch.Tensor, bits: int = 4) -> WeightQuantizer:
+    wq = WeightQuantizer(bits, w.shape[0], 0, w.dim())
+    wq.set_scale_(w.abs().flatten(1).max(1).values / wq.qmax)
+    return wq
+
+
+def test_soft_rounding_starts_at_the_float_weight():
+    torch.manual_seed(0)
+    w = torch.randn(8, 3, 3, 3)
+    wq = _quantizer(w)
+    wq.init_soft_(w, -0.1, 1.1)
+    # h(V) equals the fractional part (up to the 0.01 clamp that keeps the logit finite)
+    frac = w / wq.scale.view(-1, 1, 1, 1) - torch.floor(w / wq.scale.view(-1, 1, 1, 1))
+    inside = (frac > 0.01) & (frac < 0.99)
+    assert torch.allclose(wq.soft_h()[inside], frac[inside], atol=1e-5)
+    assert torch.allclose(wq(w)[inside], w[inside], atol=1e-5)
+
+
+def test_hardened_codes_are_floor_plus_decision_and_match_forward():
+    torch.manual_seed(1)
+    w = torch.randn(4, 10)
+    wq = _quantizer(w, bits=3)
+    wq.init_soft_(w, -0.1, 1.1)
+    with torch.no_grad():
+        wq.alpha.normal_()
+    wq.harden_()
+    codes = wq.int_weight(w)
+    expect = (wq.w_floor + (wq.alpha >= 0).float()).clamp(wq.qmin, wq.qmax)
+    assert torch.equal(codes.float(), expect)
+    assert torch.allclose(wq(w), codes.float() * wq.scale.view(-1, 1))
+    # h >= 0.5 exactly when alpha >= 0: hardening rounds the soft value, it does not flip it
+    h = rectified_sigmoid(wq.alpha, -0.1, 1.1)
+    assert torch.equal(h >= 0.5, wq.alpha >= 0)
+
+
+def test_beta_schedule_holds_then_anneals():
+    rc = ReconstructionConfig(iters=100, warmup=0.2, beta_start=20.0, beta_end=2.0)
+    trainer = _Trainer(BlockParts({}, {}, [], []), rc)
+    assert trainer.beta(0) is None and trainer.beta(19) is None
+    assert trainer.beta(20) == pytest.approx(20.0)
+    assert trainer.beta(99) == pytest.approx(2.0 + 18.0 / 80, rel=1e-6)
+    betas = [trainer.beta(s) for s in range(20, 100)]
+    assert all(a >= b for a, b in zip(betas, betas[1:]))
+
+
+def _tiny_config(granularity: str = "block", **rc) -> EPTQConfig:
+    return EPTQConfig(
+        weight_bits=4, act_bits=4, first_last_8bit=False, n_calib=128, seed=0,
+        hessian=HessianConfig(max_probes=8, min_probes=4, cache_dir=None),
+        reconstruction=ReconstructionConfig(granularity=granularity, iters=rc.pop("iters", 150),
+                                            batch_size=16, **rc),
+    )
+
+
+def _output_mse(model, q, x):
+    with torch.no_grad():
+        return float((model(x) - q(x)).pow(2).mean())
+
+
+@pytest.mark.parametrize("granularity", ["block", "network"])
+def test_eptq_beats_round_to_nearest(granularity):
+    torch.manual_seed(0)
+    model = make_model("tiny_resnet")
+    x = example_input("tiny_resnet", batch_size=128, seed=3)
+    x_test = example_input("tiny_resnet", batch_size=64, seed=4)
+    cfg = _tiny_config(granularity)
+    rtn = eptq_fx.quantize(model, x, EPTQConfig(**{**cfg.__dict__, "method": "rtn"}), progress=False)
+    eptq = eptq_fx.quantize(model, x, cfg, progress=False)
+    e_rtn, e_eptq = _output_mse(model, rtn, x_test), _output_mse(model, eptq, x_test)
+    assert math.isfinite(e_eptq)
+    assert e_eptq < 0.8 * e_rtn, (e_rtn, e_eptq)
+
+
+def test_uniform_weighting_and_hmse_run_and_change_the_result():
+    model = make_model("small_cnn")
+    x = example_input("small_cnn", batch_size=64, seed=5)
+    base = _tiny_config(iters=40)
+    variants = {
+        "hessian": base,
+        "uniform": EPTQConfig(**{**base.__dict__, "reconstruction": ReconstructionConfig(
+            iters=40, batch_size=16, hessian_weighting=False)}),
+        "hmse": EPTQConfig(**{**base.__dict__, "weight_range": "hmse"}),
+    }
+    outs = {k: eptq_fx.quantize(model, x, c, progress=False)(x) for k, c in variants.items()}
+    assert not torch.equal(outs["hessian"], outs["uniform"])
+    assert not torch.equal(outs["hessian"], outs["hmse"])
