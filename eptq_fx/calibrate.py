@@ -37,16 +37,30 @@ def init_weight_scales_(gm: fx.GraphModule, config: EPTQConfig,
         rows = weight_as_rows(op.weight.detach().cpu(), wq.axis).numpy().astype(np.float32)
         if config.weight_range == "minmax":
             scale = kernels.minmax_weight_scale(rows, wq.bits)
-            if config.power_of_two:
+            if config.power_of_two:  # the smallest power-of-two step that still covers max|w|
                 scale = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
         else:
             h = None
             if weight_hessian is not None and name in weight_hessian:
                 h = weight_as_rows(weight_hessian[name].detach().cpu(), wq.axis).numpy().astype(np.float32)
                 h = h / max(float(h.max()), 1e-30)  # scale-free: only the relative weighting matters
-            scale = kernels.search_weight_scale(rows, wq.bits, weights=h, n_grid=config.n_grid,
-                                                power_of_two=config.power_of_two)
+            scale = kernels.search_weight_scale(rows, wq.bits, weights=h, n_grid=config.n_grid)
+            if config.power_of_two:
+                scale = _best_power_of_two(rows, scale, wq.qmin, wq.qmax, h)
         wq.set_scale_(scale)
+
+
+def _best_power_of_two(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
+                       h: np.ndarray | None) -> np.ndarray:
+    """Power-of-two *steps* (what shift-based integer hardware needs): per channel, the better of the two
+    powers of two around the searched step, by the same (weighted) squared error."""
+    lo = np.exp2(np.floor(np.log2(scale))).astype(np.float32)
+    candidates = [lo, (2 * lo).astype(np.float32)]
+    errors = []
+    for c in candidates:
+        err = (rows - kernels.fake_quant_per_channel(rows, c, qmin, qmax)) ** 2
+        errors.append((err if h is None else err * h).sum(1))
+    return np.where(errors[0] <= errors[1], candidates[0], candidates[1]).astype(np.float32)
 
 
 def set_weight_mode_(gm: fx.GraphModule, mode: str) -> None:

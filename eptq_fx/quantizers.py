@@ -19,7 +19,7 @@ from .meta import ActQuant
 WEIGHT_OPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
               nn.ConvTranspose3d)
 # Most values an observer keeps per quantizer for the MSE range search (a seeded random subset beyond that).
-MAX_OBSERVED = 1 << 20
+MAX_OBSERVED = 1 << 18
 
 
 def signed_range(bits: int) -> tuple[int, int]:

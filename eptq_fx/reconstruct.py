@@ -8,6 +8,7 @@ both the float and the quantized path, so peak memory follows the widest cut, no
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -229,6 +230,8 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
                 progress: bool = True) -> fx.GraphModule:
     """Run EPTQ on a calibrated prepared graph (in place; returns it)."""
     rc = config.reconstruction
+    if config.power_of_two:  # a trained step would leave the power-of-two grid
+        rc = dataclasses.replace(rc, train_weight_scale=False, train_act_scale=False)
     t0 = time.perf_counter()
     cps = compare_points(prepared)
     ckpt = RunCheckpoint.open(resume_dir, prepared, config, calib) if resume_dir else None
