@@ -12,7 +12,10 @@ import torch.nn as nn
 
 from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 
-OURS = ("rtn", "eptq", "eptq_fast")
+# eptq_uniform / eptq_network / eptq_hmse: the W4A4 ablations of the EPTQ issue (same seed, same data)
+ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_hmse")
+OURS = ("rtn", "eptq", "eptq_fast", *ABLATIONS)
+NETWORK_ITERS = 2000  # network-wise steps (each one a full forward/backward of the model)
 METHODS = ("float", *OURS, *PEER_MODULES)
 
 EPTQ_FAST_ITERS = 200  # reconstruction steps per block of the fast preset (the default is 1000)
@@ -39,9 +42,15 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
         iters = iters or 20
     elif method == "eptq_fast":
         iters = iters or EPTQ_FAST_ITERS
-    reconstruction = ReconstructionConfig() if iters is None else ReconstructionConfig(iters=iters)
+    rc = {} if iters is None else {"iters": iters}
+    if method == "eptq_uniform":
+        rc["hessian_weighting"] = False
+    elif method == "eptq_network":
+        rc.update(granularity="network", iters=iters or NETWORK_ITERS)
+    reconstruction = ReconstructionConfig(**rc)
     return EPTQConfig(weight_bits=w_bits, act_bits=a_bits, method="rtn" if method == "rtn" else "eptq",
-                      n_calib=n_calib, hessian=hessian, reconstruction=reconstruction)
+                      n_calib=n_calib, hessian=hessian, reconstruction=reconstruction,
+                      weight_range="hmse" if method == "eptq_hmse" else "mse")
 
 
 def quantize_with(method: str, model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int,
