@@ -113,3 +113,13 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
     logger.info("quantized (%s, W%dA%d) in %.1f s", config.method, config.weight_bits, config.act_bits,
                 time.perf_counter() - t0)
     return prepared if return_prepared else convert(prepared)
+
+
+def reconstruct(prepared: fx.GraphModule, calib_data, config: EPTQConfig | None = None,
+                resume_dir: str | None = None, progress: bool = True) -> fx.GraphModule:
+    """The EPTQ stage of the staged API: run after ``calibrate`` and before ``convert`` (in place)."""
+    from .reconstruct import reconstruct as run_reconstruction
+
+    config = config or prepared.meta.get(CONFIG_KEY) or EPTQConfig()
+    calib = materialize(calib_data, input_names(prepared), max_samples=config.n_calib)
+    return run_reconstruction(prepared, calib, config, resume_dir=resume_dir, progress=progress)

@@ -100,3 +100,15 @@ def test_uniform_weighting_and_hmse_run_and_change_the_result():
     outs = {k: eptq_fx.quantize(model, x, c, progress=False)(x) for k, c in variants.items()}
     assert not torch.equal(outs["hessian"], outs["uniform"])
     assert not torch.equal(outs["hessian"], outs["hmse"])
+
+
+def test_staged_eptq_equals_one_shot():
+    model = make_model("small_cnn")
+    x = example_input("small_cnn", batch_size=64, seed=6)
+    cfg = _tiny_config(iters=30)
+    one_shot = eptq_fx.quantize(model, x, cfg, progress=False)
+    prepared = eptq_fx.prepare(eptq_fx.capture(model), cfg, example_inputs=(x[:2],))
+    eptq_fx.calibrate(prepared, x, config=cfg, progress=False)
+    eptq_fx.reconstruct(prepared, x, cfg, progress=False)
+    staged = eptq_fx.convert(prepared)
+    assert torch.equal(one_shot(x), staged(x))
