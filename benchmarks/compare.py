@@ -48,9 +48,12 @@ def run_one(model_name: str, method: str, bits: str, n_calib: int, n_test: int |
         model = spec.build()
         calib = load_calibration(spec.dataset, spec.prep, n_calib)
         row["rss_before_mib"] = current_rss_mib()
+        load_before = os.getloadavg()[0]
         with Timer() as quantize_timer:
             outcome = quantize_with(method, model, calib, w_bits, a_bits, budget)
         row["quantize_s"] = 0.0 if method == "float" else quantize_timer.seconds
+        row["quantize_cpu_s"] = 0.0 if method == "float" else quantize_timer.cpu_seconds
+        row["load_avg_1min"] = [load_before, os.getloadavg()[0]]  # other processes' load skews wall time
         row["details"] = outcome.details
         if outcome.model is None:
             row.update(status="unsupported", reason=outcome.skipped)

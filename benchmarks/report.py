@@ -90,8 +90,10 @@ def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> st
     lines = [SECTION_TITLE, "",
              "eptq_fx against its peers, each (model, method, bits) quantized in a fresh process from the same "
              "float model with the same seeded calibration images, scored by top-1 on the test split. Time: "
-             "wall clock of the quantization call alone (no evaluation). Peak RSS: the whole process (model, "
-             "data, quantization, evaluation). Drop: float minus quantized, in points.", "",
+             "wall clock of the quantization call alone (no evaluation); CPU time: the same call's process CPU "
+             "time over all threads (up to 2x wall with 2 threads; steadier than wall time when other "
+             "processes share the machine, see the 1-min load averages in the JSON). Peak RSS: the whole "
+             "process (model, data, quantization, evaluation). Drop: float minus quantized, in points.", "",
              f"Machine: {machine['cores']} CPU cores ({machine['cpu']}), no GPU; torch {v.get('torch')}, "
              f"MCT {v.get('model-compression-toolkit')}, torchao {v.get('torchao')}.", "",
              "Command" + ("s" if len(commands) > 1 else "") + ":", ""]
@@ -106,14 +108,15 @@ def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> st
         lines += [f"### {model}: {dataset}, float top-1 {float_text}"
                   f" ({n_test} test images, {first.get('n_calib')} calibration images"
                   + (", quick smoke-test budgets" if first.get("quick") else "") + ")", "",
-                  "| bits | method | top-1 (%) | drop (pp) | time | peak RSS (MiB) | notes |",
-                  "|---|---|---:|---:|---:|---:|---|"]
+                  "| bits | method | top-1 (%) | drop (pp) | wall time | CPU time | peak RSS (MiB) | notes |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in model_rows:
             top1 = r.get("top1")
             drop = float_top1 - top1 if (top1 is not None and float_top1 is not None) else None
             rss = r.get("peak_rss_mib")
             lines.append(f"| {r['bits']} | {r['method']} | {'–' if top1 is None else f'{top1:.2f}'} | "
                          f"{'–' if drop is None else f'{drop:+.2f}'} | {_fmt_seconds(r.get('quantize_s'))} | "
+                         f"{_fmt_seconds(r.get('quantize_cpu_s'))} | "
                          f"{'–' if rss is None else f'{rss:.0f}'} | {_note(r)} |")
         lines.append("")
     lines += ["Methods: " + "; ".join(f"`{k}` = {v}" for k, v in METHOD_NOTES.items()) + ".", ""]
