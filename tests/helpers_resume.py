@@ -5,7 +5,7 @@ very same thing. ``--hold`` freezes the run at a chosen moment and writes ``<RES
 test knows when to send SIGKILL:
 
 * ``after:K``  - right after ``block_K.pt`` is written (K+1 blocks finished, the next not started);
-* ``inside:K`` - in the middle of training block K (its 5th optimiser step; blocks < K finished);
+* ``inside:K`` - in the middle of training block K (its 5th backward pass; blocks < K finished);
 * ``save:K``   - while ``block_K.pt`` is half written (only its ``.tmp`` file exists).
 
 Holding only sleeps: what is on disk at the kill is exactly what an unlucky real kill would leave.
@@ -84,7 +84,7 @@ def _hold(marker: Path) -> None:
 def _install_hold(spec: str, resume_dir: Path) -> None:
     kind, _, index = spec.partition(":")
     k, marker = int(index), resume_dir / "holding"
-    real_save, real_replace, real_step = torch.save, os.replace, torch.optim.Adam.step
+    real_save, real_replace, real_backward = torch.save, os.replace, torch.Tensor.backward
     steps = {"n": 0}
 
     def save(obj, f, *args, **kwargs):
@@ -101,16 +101,16 @@ def _install_hold(spec: str, resume_dir: Path) -> None:
         if kind == "after" and Path(dst).name == f"block_{k}.pt":
             _hold(marker)
 
-    def step(self, *args, **kwargs):
+    def backward(self, *args, **kwargs):  # one call per optimisation step, whatever the optimiser
         if kind == "inside":
             done = {int(p.stem.split("_")[1]) for p in resume_dir.glob("block_*.pt")}
             if done >= set(range(k)) and k not in done:
                 steps["n"] += 1
                 if steps["n"] == 5:
                     _hold(marker)
-        return real_step(self, *args, **kwargs)
+        return real_backward(self, *args, **kwargs)
 
-    torch.save, os.replace, torch.optim.Adam.step = save, replace, step
+    torch.save, os.replace, torch.Tensor.backward = save, replace, backward
 
 
 def main() -> None:
