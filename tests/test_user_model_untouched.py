@@ -91,14 +91,14 @@ def failing_source():
 
 
 def run_export(model: nn.Module) -> object:
-    export = pytest.importorskip("eptq_fx.export")
-    return export.export(eptq_fx.quantize(model, IMAGES, RTN, progress=False), (IMAGES[:2],))
+    return eptq_fx.export(eptq_fx.quantize(model, IMAGES, RTN, progress=False), (IMAGES[:2],))
 
 
 ENTRY_POINTS = {
     "capture": lambda m: eptq_fx.capture(m, (IMAGES[:2],)),
     "prepare": lambda m: eptq_fx.prepare(m, RTN, example_inputs=(IMAGES[:2],)),
     "calibrate": calibrated,
+    "reconstruct": lambda m: eptq_fx.reconstruct(calibrated(m, TINY), IMAGES, TINY, progress=False),
     "convert": lambda m: eptq_fx.convert(calibrated(m)),
     "quantize-rtn": lambda m: eptq_fx.quantize(m, IMAGES, RTN, progress=False),
     "quantize-eptq": lambda m: eptq_fx.quantize(m, IMAGES, TINY, progress=False, return_prepared=True),
