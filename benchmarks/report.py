@@ -68,7 +68,9 @@ def _note(row: dict) -> str:
     if row["method"] == "mct_gptq" and "n_epochs" in d:
         note = f"{d['n_epochs']} epochs x {d.get('steps_per_epoch')} steps"
         if d.get("s_per_step"):
-            note += f", {d['s_per_step']:.2f} s/step"
+            note += f", {d['s_per_step']:.2f} s/step wall ({d.get('cpu_s_per_step', 0):.2f} s CPU)"
+        if d.get("before_first_step_s"):
+            note += f", {_fmt_seconds(d['before_first_step_s'])} before the first step (PTQ + Hessians)"
         return note
     if row["method"] in ("eptq", "eptq_fast") and "iters" in d:
         return f"{d['iters']} steps/block"

@@ -29,14 +29,17 @@ def run(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int, n_epoch
     core_config, extra = quantization_setup(mct, model, w_bits, a_bits)
 
     # MCT calls log_function once per optimisation step: we use it to count steps and time them.
-    stamps: list[float] = []
-    start = time.perf_counter()
+    stamps: list[tuple[float, float]] = []  # (wall, process CPU) at the end of each step
+
+    def log_step(*_args) -> None:
+        stamps.append((time.perf_counter(), time.process_time()))
+
+    start = (time.perf_counter(), time.process_time())
     gptq_config = mct.gptq.get_pytorch_gptq_config(
-        n_epochs=n_epochs, use_hessian_sample_attention=hessian_sample_attention,
-        log_function=lambda *args: stamps.append(time.perf_counter()))
+        n_epochs=n_epochs, use_hessian_sample_attention=hessian_sample_attention, log_function=log_step)
     qmodel, _ = mct.gptq.pytorch_gradient_post_training_quantization(
         model, representative_data(calib, batch_size), core_config=core_config, gptq_config=gptq_config, **extra)
-    end = time.perf_counter()
+    end = (time.perf_counter(), time.process_time())
     qmodel.eval()
     used = bits_used(qmodel)
     details = {"mct_version": mct.__version__, "weight_bits_used": used["weights"],
@@ -44,7 +47,9 @@ def run(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int, n_epoch
                "steps_per_epoch": steps_per_epoch, "steps_run": len(stamps),
                "hessian_sample_attention": hessian_sample_attention}
     if len(stamps) >= 2:
-        details["s_per_step"] = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-        details["before_first_step_s"] = stamps[0] - start  # graph prep, statistics, PTQ, Hessian scores
-        details["after_last_step_s"] = end - stamps[-1]
+        for clock, suffix in ((0, "s"), (1, "cpu_s")):
+            details[f"{suffix}_per_step"] = (stamps[-1][clock] - stamps[0][clock]) / (len(stamps) - 1)
+            # before the first step: graph preparation, statistics, PTQ and the Hessian scores
+            details[f"before_first_step_{suffix}"] = stamps[0][clock] - start[clock]
+            details[f"after_last_step_{suffix}"] = end[clock] - stamps[-1][clock]
     return PeerRun(qmodel, details=details)
