@@ -1,0 +1,96 @@
+"""Write the "## EPTQ" section of BENCHMARKS.md from result files of ``benchmarks.compare`` runs.
+
+    python -m benchmarks.eptq_report r20_main r20_eptq r20_ablation convmixer_rtn r56_main r56_eptq convmixer_eptq
+
+Each name is a ``benchmarks/results/<name>.json`` written by ``python -m benchmarks.compare ... --out <name>``;
+the section lists, per model and bit width, float / RTN / EPTQ top-1 with wall time and peak RSS, then the
+ablations, then the commands that produced every row.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.common import REPO_ROOT
+
+TITLE = "## EPTQ"
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+LABELS = {"rtn": "RTN", "eptq": "EPTQ (default: block-wise, Hessian-weighted, 500 steps/block)",
+          "eptq_uniform": "EPTQ, uniform weights (no Hessian)", "eptq_network": "EPTQ, network-wise (2000 steps)",
+          "eptq_hmse": "EPTQ + HMSE weight thresholds"}
+
+
+def _load(names: list[str]) -> tuple[list[dict], list[str], dict]:
+    rows, commands, machine = {}, [], {}
+    for name in names:
+        data = json.loads((RESULTS / f"{name}.json").read_text())
+        commands += [c for c in data["commands"] if c not in commands]
+        machine = data.get("machine", machine)
+        for r in data["results"]:
+            if r.get("status") == "ok":
+                rows[(r["model"], r["method"], r["bits"])] = r  # later files win
+    return list(rows.values()), commands, machine
+
+
+def _cell(r: dict | None, ref: float | None) -> str:
+    if r is None:
+        return "—"
+    drop = f" ({r['top1'] - ref:+.2f})" if ref is not None else ""
+    return f"{r['top1']:.2f}{drop}"
+
+
+def section(rows: list[dict], commands: list[str], machine: dict) -> str:
+    by = {(r["model"], r["method"], r["bits"]): r for r in rows}
+    models = sorted({r["model"] for r in rows}, key=lambda m: (m != "resnet20", m))
+    out = [TITLE, "",
+           "Top-1 on CIFAR-10 (JPEG copy, all 10,000 test images; calibration: a fixed seeded sample of 1024 "
+           "`train_10k` images, no labels). First and last weight layer, and their input activations, at 8 bits. "
+           "In brackets: change versus float. Time: the whole `eptq_fx.quantize` call (capture, calibration, "
+           "Hessian, reconstruction, convert); peak RSS of the process.", "",
+           "| model | bits | float | RTN | EPTQ | EPTQ time | EPTQ peak RSS |", "|---|---|---:|---:|---:|---:|---:|"]
+    for m in models:
+        ref = by.get((m, "float", "FP32"), {}).get("top1")
+        for bits in ("W8A8", "W4A8", "W4A4", "W2A4"):
+            rtn, eptq = by.get((m, "rtn", bits)), by.get((m, "eptq", bits))
+            if rtn is None and eptq is None:
+                continue
+            t = f"{eptq['quantize_s']:.0f} s" if eptq else "—"
+            rss = f"{eptq['peak_rss_mib']:.0f} MiB" if eptq else "—"
+            out.append(f"| {m} | {bits} | {ref if ref is not None else '—'} | {_cell(rtn, ref)} | "
+                       f"{_cell(eptq, ref)} | {t} | {rss} |")
+    abl = [r for r in rows if r["method"] in LABELS and r["method"] != "rtn" and r["bits"] == "W4A4"]
+    if any(r["method"] != "eptq" for r in abl):
+        out += ["", "### Ablations at W4A4 (same seed, same calibration images)", "",
+                "| model | variant | top-1 | time | peak RSS |", "|---|---|---:|---:|---:|"]
+        for r in sorted(abl, key=lambda r: (r["model"], list(LABELS).index(r["method"]))):
+            ref = by.get((r["model"], "float", "FP32"), {}).get("top1")
+            out.append(f"| {r['model']} | {LABELS[r['method']]} | {_cell(r, ref)} | {r['quantize_s']:.0f} s | "
+                       f"{r['peak_rss_mib']:.0f} MiB |")
+    out += ["", "Commands (from the repository root):", ""] + [f"- `{c}`" for c in commands]
+    out += [f"- `python -m benchmarks.eptq_report {' '.join(sys.argv[1:])}` (this section)", "",
+            f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, no GPU; "
+            f"{', '.join(f'{k} {v}' for k, v in machine.get('versions', {}).items())}. Other jobs shared the "
+            "cores during these runs, so times are upper bounds."]
+    return "\n".join(out) + "\n"
+
+
+def replace_section(text: str, new: str) -> str:
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == TITLE), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + new
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[:start] + new.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
+
+
+def main(names: list[str]) -> None:
+    rows, commands, machine = _load(names)
+    path = REPO_ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(replace_section(text, section(rows, commands, machine)))
+    print(section(rows, commands, machine))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
