@@ -91,13 +91,19 @@ def capture(model: nn.Module, example_inputs: tuple | None = None, leaf_modules:
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:  # fx raises many types (TraceError, TypeError, AttributeError, ...)
-        where = tracer.stack[-1] if tracer.stack else ("", type(root).__name__)
-        name = where[0] or "<root>"
+        cause = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        if tracer.stack:
+            name, kind = tracer.stack[-1]
+            raise TraceError(
+                f"torch.fx could not trace module {name!r} ({kind}): {cause}. Pass leaf_modules=[{kind}] (or "
+                f"its name {name!r}) to keep it as an opaque call, or concrete_args={{...}} to fix the inputs "
+                f"that drive its Python control flow."
+            ) from e
+        # the model's own forward: it cannot be its own leaf
         raise TraceError(
-            f"torch.fx could not trace module {name!r} ({where[1]}): {type(e).__name__}: "
-            f"{(str(e).strip().splitlines() or [''])[0]} "
-            f"Pass leaf_modules=[{where[1]}] (or its name {name!r}) to keep it as an opaque call, or "
-            f"concrete_args={{...}} to fix the inputs that drive its Python control flow."
+            f"torch.fx could not trace the forward of {type(root).__name__}: {cause}. Pass concrete_args={{...}} "
+            f"to fix the arguments that drive its Python control flow, or move that code into a submodule "
+            f"and pass it in leaf_modules."
         ) from e
     if concrete_args:
         _drop_specialization_asserts_(graph, concrete_args)
