@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .calibrate import init_weight_scales_, quant_disabled
+from .calibrate import init_weight_scales_, input_names, quant_disabled
 from .checkpoint import RunCheckpoint
 from .config import EPTQConfig, ReconstructionConfig
 from .data import CalibSet
@@ -170,7 +171,9 @@ def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx
             sel = order[i:i + batch_size]
             outs = sub(*(values[name][sel] for name in block.inputs))
             chunks.append(list(outs))
-    return [torch.cat([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+    # a block output can be a tuple / namedtuple / dict (a model output): join it leaf by leaf
+    join = lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0]  # noqa: E731
+    return [tree_map(join, *[c[j] for c in chunks]) for j in range(len(chunks[0]))]
 
 
 def _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progress) -> tuple[float, float]:
@@ -212,17 +215,19 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progres
     return loss_before, loss_after
 
 
-def _hessian_scores(prepared, calib, config, cps) -> torch.Tensor:
+def _hessian_scores(prepared, calib, config, cps, progress) -> torch.Tensor:
     if not config.reconstruction.hessian_weighting:
         return torch.ones(calib.n, len(cps))
     with quant_disabled(prepared):
-        return label_free_hessian(prepared, cps, calib, config.hessian, seed=config.seed).scores
+        return label_free_hessian(prepared, cps, calib, config.hessian, seed=config.seed,
+                                  progress=progress).scores
 
 
-def _apply_hmse_thresholds(prepared, calib, config) -> None:
+def _apply_hmse_thresholds(prepared, calib, config, progress) -> None:
     names = list(weight_ops(prepared))
     with quant_disabled(prepared):
-        wh = weight_hessian(prepared, [f"{n}.op" for n in names], calib, config.hessian, seed=config.seed)
+        wh = weight_hessian(prepared, [f"{n}.op" for n in names], calib, config.hessian, seed=config.seed,
+                            progress=progress)
     init_weight_scales_(prepared, config, {n: wh[f"{n}.op"] for n in names})
 
 
@@ -236,16 +241,17 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     cps = compare_points(prepared)
     ckpt = RunCheckpoint.open(resume_dir, prepared, config, calib) if resume_dir else None
     if config.weight_range == "hmse":
-        _apply_hmse_thresholds(prepared, calib, config)
-    scores = _hessian_scores(prepared, calib, config, cps)
+        _apply_hmse_thresholds(prepared, calib, config, progress)
+    scores = _hessian_scores(prepared, calib, config, cps, progress)
     schedule_blocks(prepared, rc.granularity)
     blocks: list[Block] = prepared.meta[BLOCKS]
     last_use = {}
     for b in blocks:
         for name in b.inputs:
             last_use[name] = b.index
-    placeholders = [n.name for n in prepared.graph.nodes if n.op == "placeholder"]
-    f_vals = dict(zip(placeholders, calib.tensors))
+    # the data's inputs, by placeholder (node) name; an unused optional argument takes no data
+    by_target = {n.target: n.name for n in prepared.graph.nodes if n.op == "placeholder"}
+    f_vals = {by_target[t]: x for t, x in zip(input_names(prepared), calib.tensors)}
     q_vals = dict(f_vals)
     for block in tqdm(blocks, desc="EPTQ blocks", disable=not progress):
         sub = block_subgraph(prepared, block)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+
+# Spinning OpenMP workers (torch's and numba's) make small ops 100x slower on a busy 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest

@@ -456,8 +456,6 @@ def test_namedtuple_output_with_rtn():
     assert_structure_close(gm(data()), model(data()), 0.99)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="reconstruct._run concatenates block outputs with "
-                   "torch.cat, which fails on the namedtuple the output block builds (lead's file)")
 def test_namedtuple_output_with_eptq():
     model = NamedTupleOutput()
     gm = quantize(model, data(), TINY)
