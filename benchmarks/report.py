@@ -79,6 +79,15 @@ def _note(row: dict) -> str:
     return ""
 
 
+def _load_note(rows: list[dict]) -> str:
+    loads = [x for r in rows for x in (r.get("load_avg_1min") or []) if x is not None]
+    if not loads:
+        return ""
+    return (f" 1-minute load average around the quantization calls: {min(loads):.1f} to {max(loads):.1f}"
+            + (" (the cores were shared with other jobs, so wall times are pessimistic)." if max(loads) > 2.5
+               else "."))
+
+
 def _table_order(rows: list[dict]) -> list[dict]:
     """Grouped by bit setting (in first-seen order), then methods in METHOD_NOTES order."""
     bit_order = list(dict.fromkeys(r["bits"] for r in rows))
@@ -97,7 +106,7 @@ def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> st
              "processes share the machine, see the 1-min load averages in the JSON). Peak RSS: the whole "
              "process (model, data, quantization, evaluation). Drop: float minus quantized, in points.", "",
              f"Machine: {machine['cores']} CPU cores ({machine['cpu']}), no GPU; torch {v.get('torch')}, "
-             f"MCT {v.get('model-compression-toolkit')}, torchao {v.get('torchao')}.", "",
+             f"MCT {v.get('model-compression-toolkit')}, torchao {v.get('torchao')}." + _load_note(rows), "",
              "Command" + ("s" if len(commands) > 1 else "") + ":", ""]
     lines += [f"    {c}" for c in commands] + [""]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -115,10 +124,11 @@ def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> st
         for r in model_rows:
             top1 = r.get("top1")
             drop = float_top1 - top1 if (top1 is not None and float_top1 is not None) else None
-            rss = r.get("peak_rss_mib")
+            ok = r["status"] == "ok"
+            rss = r.get("peak_rss_mib") if ok else None
+            wall, cpu = (r.get("quantize_s"), r.get("quantize_cpu_s")) if ok else (None, None)
             lines.append(f"| {r['bits']} | {r['method']} | {'–' if top1 is None else f'{top1:.2f}'} | "
-                         f"{'–' if drop is None else f'{drop:+.2f}'} | {_fmt_seconds(r.get('quantize_s'))} | "
-                         f"{_fmt_seconds(r.get('quantize_cpu_s'))} | "
+                         f"{'–' if drop is None else f'{drop:+.2f}'} | {_fmt_seconds(wall)} | {_fmt_seconds(cpu)} | "
                          f"{'–' if rss is None else f'{rss:.0f}'} | {_note(r)} |")
         lines.append("")
     lines += ["Methods: " + "; ".join(f"`{k}` = {v}" for k, v in METHOD_NOTES.items()) + ".", ""]

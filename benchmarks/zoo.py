@@ -68,9 +68,9 @@ SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
               checkpoint="convmixer256_8_k9_p4.pth"),
     # Fashion-MNIST (28x28, repeated to 3 channels), sized to train in a few minutes on 2 CPU cores.
     ModelSpec("mobilenetv2_fmnist", _FMNIST, Preprocessing(*FASHION_MNIST_MEAN_STD),
-              lambda: arch.MobileNetV2Tiny(num_classes=10).eval(), train_epochs=3),
+              lambda: arch.MobileNetV2Tiny(num_classes=10).eval(), train_epochs=2),
     ModelSpec("vit_fmnist", _FMNIST, Preprocessing(*FASHION_MNIST_MEAN_STD),
-              lambda: arch.TinyViT(dim=64, depth=3, heads=4).eval(), train_epochs=3),
+              lambda: arch.TinyViT(dim=48, depth=2, heads=4).eval(), train_epochs=3),
     ModelSpec("mixer_fmnist", _FMNIST, Preprocessing(*FASHION_MNIST_MEAN_STD),
               lambda: arch.TinyMixer(dim=64, depth=3, image=28, patch=4).eval(), train_epochs=3),
 )}
