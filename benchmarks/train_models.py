@@ -56,7 +56,8 @@ def train(spec: ModelSpec, seed: int = 0) -> dict:
     x_test, y_test = load_test(spec.dataset, spec.prep)
     result = {"model": spec.name, "dataset": spec.dataset, "float_top1": evaluate_top1(model, x_test, y_test),
               "train_s": timer.seconds, "epochs": spec.train_epochs, "seed": seed,
-              "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
+              "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+              "recipe": spec.recipe_fingerprint()}
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, spec.cached_weights)
     spec.cached_weights.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -64,16 +65,18 @@ def train(spec: ModelSpec, seed: int = 0) -> dict:
 
 
 def trained_info(spec: ModelSpec) -> dict | None:
-    path = spec.cached_weights.with_suffix(".json")
-    return json.loads(path.read_text()) if path.is_file() and spec.cached_weights.is_file() else None
+    """What training recorded for the cached weights, or None when they are missing or stale."""
+    if not spec.weights_current():
+        return None
+    return json.loads(spec.cached_weights.with_suffix(".json").read_text())
 
 
 def ensure_trained(names: list[str]) -> None:
-    """Train every model in ``names`` that is trained here and has no cached weights yet."""
+    """Train every model in ``names`` that is trained here and has no current cached weights."""
     for name in names:
         spec = get_spec(name)
-        if spec.trained_here and not spec.cached_weights.is_file():
-            log.info("training %s (no cached weights)", name)
+        if spec.trained_here and not spec.weights_current():
+            log.info("training %s (no cached weights for its current recipe)", name)
             train(spec)
 
 

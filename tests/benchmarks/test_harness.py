@@ -159,3 +159,34 @@ def test_merge_keeps_other_settings_and_replaces_redone_ones(tmp_path):
     data = json.loads(stem.with_suffix(".json").read_text())
     assert data["commands"] == ["first", "second"]
     assert [(r["method"], r["top1"]) for r in data["results"]] == [("float", 80.0), ("mct_ptq", 75.5)]
+
+
+def test_zoo_architectures_trace_and_classify_their_input_shape():
+    import torch.fx as fx
+
+    from benchmarks.zoo import SPECS
+
+    shapes = {"cifar10": (3, 32, 32), "fashion_mnist": (3, 28, 28)}
+    for spec in SPECS.values():
+        if spec.name in ("resnet56", "convmixer"):  # same code paths as resnet20, only bigger
+            continue
+        model = spec.architecture()
+        x = torch.randn(2, *shapes[spec.dataset])
+        assert fx.symbolic_trace(model)(x).shape == (2, 10), spec.name
+
+
+def test_a_model_trained_here_refuses_stale_or_missing_weights(tmp_path, monkeypatch):
+    from benchmarks import zoo
+
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path)
+    spec = zoo.get_spec("mixer_fmnist")
+    with pytest.raises(zoo.WeightsMissingError):
+        spec.build()
+    model = spec.architecture()
+    torch.save(model.state_dict(), spec.cached_weights)
+    spec.cached_weights.with_suffix(".json").write_text(json.dumps({"recipe": "something else"}))
+    with pytest.raises(zoo.WeightsMissingError):
+        spec.build()
+    spec.cached_weights.with_suffix(".json").write_text(json.dumps({"recipe": spec.recipe_fingerprint()}))
+    rebuilt = spec.build()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
