@@ -13,7 +13,7 @@ import torch.nn as nn
 from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 
 # eptq_uniform / eptq_network / eptq_hmse: the W4A4 ablations of the EPTQ issue (same seed, same data)
-ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_hmse")
+ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_hmse", "eptq_channel")
 OURS = ("rtn", "eptq", "eptq_fast", *ABLATIONS)
 NETWORK_ITERS = 2000  # network-wise steps (each one a full forward/backward of the model)
 METHODS = ("float", *OURS, *PEER_MODULES)
@@ -45,6 +45,8 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
     rc = {} if iters is None else {"iters": iters}
     if method == "eptq_uniform":
         rc["hessian_weighting"] = False
+    elif method == "eptq_channel":
+        rc["hessian_per_channel"] = True
     elif method == "eptq_network":
         rc.update(granularity="network", iters=iters or NETWORK_ITERS)
     reconstruction = ReconstructionConfig(**rc)

@@ -210,3 +210,44 @@ def write_report(stem: Path, markdown_path: str | None) -> list[Path]:
         md.write_text(replace_section(text, markdown_section(rows, commands, machine)))
         written.append(md)
     return written
+
+
+def combine(names: list[str], out: str, markdown_path: str | None, methods: tuple[str, ...] | None = None,
+            results_dir: Path | None = None) -> list[Path]:
+    """Merge the results of several compare.py runs (``benchmarks/results/<name>.json``; a later file wins for
+    the same model/method/bits) into ``<out>.json`` and rewrite the report from it. ``methods``: keep only
+    these (the float rows always stay)."""
+    results_dir = results_dir or Path(__file__).resolve().parent / "results"
+    rows: list[dict] = []
+    commands: list[str] = []
+    machine = None
+    for name in names:
+        data = json.loads((results_dir / f"{name}.json").read_text())
+        kept = [r for r in data["results"] if methods is None or r["method"] in ("float", *methods)]
+        rows = _merge(rows, kept)
+        commands += [c for c in data["commands"] if c not in commands]
+        machine = machine or data.get("machine")
+    stem = results_dir / out
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"commands": commands, "machine": machine or machine_description(), "results": rows}, indent=1,
+        default=str))
+    return write_report(stem, markdown_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Merge compare.py results and rewrite the Comparison section.")
+    parser.add_argument("names", nargs="+", help="result names under benchmarks/results, later ones win")
+    parser.add_argument("--out", default="compare")
+    parser.add_argument("--markdown", default=str(Path(__file__).resolve().parent.parent / "BENCHMARKS.md"))
+    parser.add_argument("--methods", default=",".join(METHOD_NOTES), help="methods to keep (default: the "
+                        "Comparison table's; the EPTQ ablations have their own section, see eptq_report.py)")
+    args = parser.parse_args(argv)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for path in combine(args.names, args.out, None if args.markdown == "none" else args.markdown, methods):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -114,7 +114,7 @@ SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("mobilenetv2_fmnist", _FMNIST, Preprocessing(*FASHION_MNIST_MEAN_STD), mobilenetv2_fmnist,
               train_epochs=3),
     ModelSpec("vit_fmnist", _FMNIST, Preprocessing(*FASHION_MNIST_MEAN_STD),
-              lambda: PositionalTinyViT(dim=64, depth=3, heads=4, tokens=49).eval(), train_epochs=3),
+              lambda: PositionalTinyViT(dim=64, depth=3, heads=4, tokens=49).eval(), train_epochs=5),
     ModelSpec("mixer_fmnist", _FMNIST, Preprocessing(*FASHION_MNIST_MEAN_STD),
               lambda: arch.TinyMixer(dim=64, depth=3, image=28, patch=4).eval(), train_epochs=3),
 )}

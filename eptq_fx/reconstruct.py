@@ -23,7 +23,7 @@ from .calibrate import init_weight_scales_, input_names, quant_disabled
 from .checkpoint import RunCheckpoint
 from .config import EPTQConfig, ReconstructionConfig
 from .data import CalibSet
-from .hessian import label_free_hessian, weight_hessian
+from .hessian import HessianScores, label_free_hessian, weight_hessian
 from .passes.insert_qdq import compare_points, weight_ops
 from .meta import BLOCKS
 from .passes.schedule import Block, block_subgraph, schedule_blocks
@@ -69,9 +69,26 @@ def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionCo
     return s / top if top > 0 else torch.ones_like(s)
 
 
-def _distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared error summed over features (AdaRound's reconstruction distance)."""
-    return (pred - target).pow(2).flatten(1).sum(1)
+def _channel_profiles(hs: HessianScores | None, parts: BlockParts, cps: list[str],
+                      rc: ReconstructionConfig) -> list[torch.Tensor | None]:
+    """Per compare point of the block: its channels' share of the layer's Hessian trace (mean 1 over channels,
+    averaged over samples to tame the per-channel Hutchinson noise), or None for an isotropic distance."""
+    if hs is None or hs.per_channel is None or not rc.hessian_per_channel:
+        return [None] * len(parts.cp_index)
+    profiles = []
+    for i in parts.cp_index:
+        c = hs.per_channel[cps[i]].mean(0)
+        profiles.append(c / c.mean() if c.numel() > 1 and float(c.mean()) > 0 else None)
+    return profiles
+
+
+def _distance(pred: torch.Tensor, target: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample squared error summed over features (AdaRound's reconstruction distance), each channel (dim 1)
+    weighted by ``profile`` when given."""
+    sq = (pred - target).pow(2)
+    if profile is not None:
+        sq = sq * profile.view(1, -1, *([1] * (sq.dim() - 2)))
+    return sq.flatten(1).sum(1)
 
 
 def _sqnr_db(preds: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -176,14 +193,15 @@ def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx
     return [tree_map(join, *[c[j] for c in chunks]) for j in range(len(chunks[0]))]
 
 
-def _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progress) -> tuple[float, float]:
+def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen,
+                 progress) -> tuple[float, float]:
     n_out = len(block.outputs)
     n = f_targets[0].shape[0]
     eval_idx = torch.arange(min(EVAL_SAMPLES, n))
 
     def block_loss(idx: torch.Tensor) -> torch.Tensor:
         preds = sub(*(q_vals[name][idx] for name in block.inputs))[n_out:]
-        per_layer = torch.stack([_distance(p, f_targets[j][idx]) for j, p in enumerate(preds)], 1)
+        per_layer = torch.stack([_distance(p, f_targets[j][idx], profiles[j]) for j, p in enumerate(preds)], 1)
         return (per_layer * layer_w[idx]).sum(1).mean()
 
     reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
@@ -215,12 +233,14 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progres
     return loss_before, loss_after
 
 
-def _hessian_scores(prepared, calib, config, cps, progress) -> torch.Tensor:
-    if not config.reconstruction.hessian_weighting:
-        return torch.ones(calib.n, len(cps))
+def _hessian_scores(prepared, calib, config, cps, progress) -> HessianScores | None:
+    """The label-free Hessian of every compare point, or None for uniform weights (ablation)."""
+    rc = config.reconstruction
+    if not rc.hessian_weighting:
+        return None
     with quant_disabled(prepared):
         return label_free_hessian(prepared, cps, calib, config.hessian, seed=config.seed,
-                                  progress=progress).scores
+                                  per_channel=rc.hessian_per_channel, progress=progress)
 
 
 def _apply_hmse_thresholds(prepared, calib, config, progress) -> None:
@@ -242,7 +262,8 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     ckpt = RunCheckpoint.open(resume_dir, prepared, config, calib) if resume_dir else None
     if config.weight_range == "hmse":
         _apply_hmse_thresholds(prepared, calib, config, progress)
-    scores = _hessian_scores(prepared, calib, config, cps, progress)
+    hs = _hessian_scores(prepared, calib, config, cps, progress)
+    scores = torch.ones(calib.n, len(cps)) if hs is None else hs.scores
     schedule_blocks(prepared, rc.granularity)
     blocks: list[Block] = prepared.meta[BLOCKS]
     last_use = {}
@@ -264,8 +285,10 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         if not done and parts.cp_index:
             gen = torch.Generator().manual_seed(config.seed * 100_003 + block.index)
             layer_w = _layer_weights(scores, parts, rc)
+            profiles = _channel_profiles(hs, parts, cps, rc)
             tb = time.perf_counter()
-            before, after = _train_block(sub, block, parts, q_vals, f_targets, layer_w, rc, gen, progress)
+            before, after = _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen,
+                                         progress)
             q_out = _run(sub, q_vals, block, None)
             logger.info("block %d (%s): loss %.4g -> %.4g, SQNR %.1f dB, %.1f s", block.index,
                         ",".join(block.quant_ops), before, after, _sqnr_db(q_out[n_out:], f_targets),

@@ -190,3 +190,20 @@ def test_a_model_trained_here_refuses_stale_or_missing_weights(tmp_path, monkeyp
     spec.cached_weights.with_suffix(".json").write_text(json.dumps({"recipe": spec.recipe_fingerprint()}))
     rebuilt = spec.build()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))
+
+
+def test_combine_merges_runs_filters_methods_and_later_runs_win(tmp_path):
+    from benchmarks.report import combine, write_json
+
+    write_json([_row("float", "FP32", 80.0), _row("rtn", "W4A8", 70.0), _row("eptq_uniform", "W4A4", 60.0)],
+               "run a", tmp_path / "a")
+    write_json([_row("rtn", "W4A8", 71.0), _row("mct_ptq", "W4A8", 75.5)], "run b", tmp_path / "b")
+    md = tmp_path / "B.md"
+    combine(["a", "b"], "all", str(md), methods=("rtn", "mct_ptq"), results_dir=tmp_path)
+    data = json.loads((tmp_path / "all.json").read_text())
+    assert data["commands"] == ["run a", "run b"]
+    assert [(r["method"], r["top1"]) for r in data["results"]] == [("float", 80.0), ("rtn", 71.0),
+                                                                     ("mct_ptq", 75.5)]
+    text = md.read_text()
+    assert "| W4A8 | rtn | 71.00 | +9.00 |" in text and "eptq_uniform" not in text
+    assert (tmp_path / "all.png").is_file()
