@@ -23,7 +23,8 @@ from .calibrate import init_weight_scales_, input_names, quant_disabled
 from .checkpoint import RunCheckpoint
 from .config import EPTQConfig, ReconstructionConfig
 from .data import CalibSet
-from .hessian import HessianScores, label_free_hessian, weight_hessian
+from .hessian import HessianScores, label_free_hessian
+from .weight_hessian import weight_hessian
 from .passes.insert_qdq import compare_points, weight_ops
 from .meta import BLOCKS
 from .passes.schedule import Block, block_subgraph, schedule_blocks

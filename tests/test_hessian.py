@@ -16,7 +16,8 @@ from torch.utils._pytree import tree_flatten
 from eptq_fx.config import HessianConfig
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import HessianError
-from eptq_fx.hessian import label_free_hessian, weight_hessian
+from eptq_fx.hessian import label_free_hessian
+from eptq_fx.weight_hessian import weight_hessian
 
 NO_CACHE = HessianConfig(cache_dir=None, batch_size=16)
 
@@ -448,7 +449,7 @@ def test_weight_hessian_conv_kinds_and_batched_fallback(caplog):
     x = torch.randn(24, 2, 8, 8, generator=torch.Generator().manual_seed(9))
     names = ["stem", "grouped", "shared", "same", "line", "head"]
     config = HessianConfig(cache_dir=None, batch_size=4, weight_samples=24, weight_probes=64)
-    with caplog.at_level(logging.INFO, logger="eptq_fx.hessian"):
+    with caplog.at_level(logging.INFO, logger="eptq_fx.weight_hessian"):
         result = weight_hessian(gm, names, CalibSet((x,)), config, progress=False)
     assert "['same']" in caplog.text  # the one module without a per-sample rule, and said so
     for name in names:
