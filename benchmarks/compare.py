@@ -22,8 +22,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import (REPO_ROOT, Timer, current_rss_mib, evaluate_top1, load_calibration, load_test,
-                               peak_rss_mib)
+from benchmarks.common import (
+    REPO_ROOT,
+    Timer,
+    current_rss_mib,
+    evaluate_top1,
+    load_calibration,
+    load_test,
+    peak_rss_mib,
+)
 from benchmarks.methods import METHODS, Budget, parse_bits, quantize_with
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from benchmarks.common import REPO_ROOT
 
@@ -68,7 +67,8 @@ def section(rows: list[dict], commands: list[str], machine: dict) -> str:
             out.append(f"| {r['model']} | {LABELS[r['method']]} | {_cell(r, ref)} | {r['quantize_s']:.0f} s | "
                        f"{r['peak_rss_mib']:.0f} MiB |")
     out += ["", "Commands (from the repository root; the `*_main` runs were stopped after their RTN rows to free the "
-            "cores, their EPTQ rows come from the `*_eptq` runs; a dash is a setting not run yet):", ""] + [f"- `{c}`" for c in commands]
+            "cores, their EPTQ rows come from the `*_eptq` runs; a dash is a setting not run yet):", ""]
+    out += [f"- `{c}`" for c in commands]
     out += [f"- `python -m benchmarks.eptq_report {' '.join(sys.argv[1:])}` (this section)", "",
             f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, no GPU; "
             f"{', '.join(f'{k} {v}' for k, v in machine.get('versions', {}).items())}. Other jobs shared the "

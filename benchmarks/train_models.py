@@ -2,7 +2,8 @@
 
     python -m benchmarks.train_models [--models mobilenetv2_fmnist,vit_fmnist] [--force] [--threads 2]
 
-Seeded (deterministic on a given machine and thread count): AdamW with a one-cycle learning rate, batch 128, no augmentation.
+Seeded (deterministic on a given machine and thread count): AdamW with a one-cycle learning rate, batch 128,
+no augmentation.
 Weights go to benchmarks/.weights/<name>.pt with a <name>.json beside it (float top-1 on the full test split,
 training time), so a benchmark run can report the float accuracy without re-evaluating.
 """
@@ -13,7 +14,6 @@ import json
 import logging
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 

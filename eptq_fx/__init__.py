@@ -9,13 +9,13 @@ from .api import prepare, quantize, reconstruct
 from .calibrate import calibrate
 from .capture import capture
 from .config import KEEP, EPTQConfig, HessianConfig, Override, ReconstructionConfig
-from .errors import (CalibrationDataError, CheckpointError, ConfigError, EPTQError, HessianError, ModelError,
-                     TraceError)
+from .errors import CalibrationDataError, CheckpointError, ConfigError, EPTQError, HessianError, ModelError, TraceError
 from .export import export, export_onnx
 from .passes.convert import convert
 
 __all__ = [
-    "quantize", "capture", "prepare", "calibrate", "reconstruct", "convert", "export", "export_onnx", "EPTQConfig", "HessianConfig",
+    "quantize", "capture", "prepare", "calibrate", "reconstruct", "convert", "export", "export_onnx",
+    "EPTQConfig", "HessianConfig",
     "ReconstructionConfig", "Override", "KEEP", "errors", "EPTQError", "TraceError", "ConfigError",
     "CalibrationDataError", "ModelError", "HessianError", "CheckpointError",
 ]

@@ -77,8 +77,9 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
     """Quantize ``model`` with ``config`` and return a GraphModule with Q/DQ ops and integer weights.
 
     ``calib_data``: a tensor of inputs (samples on dim 0), an iterable of batches (tensors, tuples, dicts; a
-    DataLoader); labels after the model inputs in a tuple batch are ignored. ``model`` may also be a GraphModule from ``capture`` (for models needing leaf
-    modules). ``method="rtn"`` stops after calibration; ``"eptq"`` runs Hessian-weighted reconstruction.
+    DataLoader); labels after the model inputs in a tuple batch are ignored. ``model`` may also be a
+    GraphModule from ``capture`` (for models needing leaf modules). ``method="rtn"`` stops after calibration;
+    ``"eptq"`` runs Hessian-weighted reconstruction.
     ``resume_dir`` keeps per-block checkpoints so an interrupted run continues where it stopped.
     """
     if not isinstance(config, EPTQConfig):

@@ -81,7 +81,8 @@ def _check_batch(args: tuple, n_inputs: int, batch_no: int, reference: tuple | N
         )
     for j, t in enumerate(args):
         if not isinstance(t, torch.Tensor):
-            raise CalibrationDataError(f"Calibration batch {batch_no}, input {j} is a {type(t).__name__}, not a tensor.")
+            raise CalibrationDataError(
+                f"Calibration batch {batch_no}, input {j} is a {type(t).__name__}, not a tensor.")
         if t.dim() == 0:
             raise CalibrationDataError(f"Calibration batch {batch_no}, input {j} is a scalar; it needs a batch dim.")
         if t.device.type == "meta":  # shapes without values: nothing to calibrate on (and no finiteness check)

@@ -24,11 +24,11 @@ from .checkpoint import RunCheckpoint
 from .config import EPTQConfig, ReconstructionConfig
 from .data import CalibSet
 from .hessian import HessianScores, label_free_hessian
-from .weight_hessian import weight_hessian
-from .passes.insert_qdq import compare_points, weight_ops
 from .meta import BLOCKS
+from .passes.insert_qdq import compare_points, weight_ops
 from .passes.schedule import Block, block_subgraph, schedule_blocks
 from .quantizers import ActQuantizer, QuantWeightOp
+from .weight_hessian import weight_hessian
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,17 @@ from tqdm.auto import tqdm
 from .config import HessianConfig
 from .data import CalibSet
 from .errors import HessianError
-from .hessian import (_cache_key, _cache_load, _cache_store, _differentiable_leaves, _draw_probes, _eval_mode,
-                      _model_device, _no_output_dependence, _probe_module)
+from .hessian import (
+    _cache_key,
+    _cache_load,
+    _cache_store,
+    _differentiable_leaves,
+    _draw_probes,
+    _eval_mode,
+    _model_device,
+    _no_output_dependence,
+    _probe_module,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import torch
 import eptq_fx
 from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 from eptq_fx.quantizers import WeightQuantizer, rectified_sigmoid
-from eptq_fx.reconstruct import _Trainer, BlockParts
-from tests.models import make_model, example_input
+from eptq_fx.reconstruct import BlockParts, _Trainer
+from tests.models import example_input, make_model
 
 
 def _quantizer(w: torch.Tensor, bits: int = 4) -> WeightQuantizer:

@@ -127,7 +127,8 @@ def activation_choice_tpc(act_bits: int):
     stock = imx500.generate_tpc(default_config=default8, base_config=linear8,
                                 mixed_precision_cfg_list=mixed_precision_list, name=f"imx500_v1_act{act_bits}")
     # Op sets without options (ReLU, Add, ...) use the default options, so those change too.
-    op_sets = tuple(op if op.qc_options is None else op.model_copy(update={"qc_options": offer_both_widths(op.qc_options)})
+    op_sets = tuple(op if op.qc_options is None
+                    else op.model_copy(update={"qc_options": offer_both_widths(op.qc_options)})
                     for op in stock.operator_set)
     return stock.model_copy(update={"operator_set": op_sets, "default_qco": offer_both_widths(stock.default_qco)})
 

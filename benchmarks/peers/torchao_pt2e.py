@@ -18,7 +18,9 @@ def run(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int, batch_s
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -32,4 +34,5 @@ def run(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int, batch_s
             for i in range(0, len(calib), batch_size):
                 prepared(calib[i:i + batch_size])
         quantized = move_exported_model_to_eval(convert_pt2e(prepared))
-    return PeerRun(quantized, details={"quantizer": "X86InductorQuantizer", "evaluated": "converted q/dq program, eager"})
+    return PeerRun(quantized, details={"quantizer": "X86InductorQuantizer",
+                                      "evaluated": "converted q/dq program, eager"})

@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.common import (IMAGENET_MEAN_STD, REPO_ROOT, Preprocessing, calibration_indices, data_available,
-                               data_dir, evaluate_top1, load_calibration, load_test)
+from benchmarks.common import (
+    IMAGENET_MEAN_STD,
+    REPO_ROOT,
+    Preprocessing,
+    calibration_indices,
+    data_available,
+    data_dir,
+    evaluate_top1,
+    load_calibration,
+    load_test,
+)
 from benchmarks.compare import RESULT_KEYS, parse_result_line, run_one
 from benchmarks.methods import Budget, parse_bits
 from benchmarks.report import replace_section
@@ -143,9 +152,9 @@ def test_report_writes_json_table_and_plot(tmp_path):
     write_report(stem, str(md))
     text = md.read_text()
     assert "keep" in text and "## Comparison" in text and "python -m benchmarks.compare --x" in text
-    line = next(l for l in text.splitlines() if l.startswith("| W4A8 | mct_ptq"))
+    line = next(ln for ln in text.splitlines() if ln.startswith("| W4A8 | mct_ptq"))
     assert "| 75.50 | +4.50 |" in line
-    assert "unsupported: int8 only" in next(l for l in text.splitlines() if "torchao_fx" in l and l.startswith("|"))
+    assert "unsupported: int8 only" in next(ln for ln in text.splitlines() if "torchao_fx" in ln and ln.startswith("|"))
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "cmp.json").read_text())["results"] == rows
 
