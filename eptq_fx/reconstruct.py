@@ -61,11 +61,17 @@ def _block_parts(gm: fx.GraphModule, block: Block, cp_names: list[str]) -> Block
     return BlockParts(wops, aqs, [cp_names.index(n) for n in block.quant_ops], weight_pos)
 
 
-def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionConfig) -> torch.Tensor:
-    """(N, L_block) loss weights: Hessian scores normalised by the block's largest mean layer score."""
+def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionConfig,
+                   sizes: list[int]) -> torch.Tensor:
+    """(N, L_block) loss weights for the per-layer squared errors.
+
+    A layer's score is tr(JᵀJ); for an error Δ spread evenly over its D elements the output error is
+    ΔᵀJᵀJΔ ≈ (tr/D)·‖Δ‖², so the weight of ‖Δ‖² is tr/D (``sizes`` = D per compare point), normalised by the
+    block's largest mean so that the loss keeps the scale the rounding regulariser is balanced against."""
     s = scores[:, parts.cp_index]
     if not rc.hessian_weighting:
         return torch.ones_like(s)
+    s = s / torch.tensor(sizes, dtype=s.dtype)
     top = s.mean(0).max()
     return s / top if top > 0 else torch.ones_like(s)
 
@@ -285,7 +291,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         done = ckpt is not None and ckpt.restore_block_(block.index, parts)
         if not done and parts.cp_index:
             gen = torch.Generator().manual_seed(config.seed * 100_003 + block.index)
-            layer_w = _layer_weights(scores, parts, rc)
+            layer_w = _layer_weights(scores, parts, rc, [t[0].numel() for t in f_targets])
             profiles = _channel_profiles(hs, parts, cps, rc)
             tb = time.perf_counter()
             before, after = _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen,

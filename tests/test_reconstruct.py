@@ -125,6 +125,19 @@ def test_channel_profile_weights_each_channel_by_its_share_of_the_trace():
     torch.testing.assert_close(_distance(pred, target, profile), torch.tensor([4.0, 16.0]))
 
 
+def test_layer_weights_are_trace_per_element_normalised_by_the_block_maximum():
+    from eptq_fx.reconstruct import _layer_weights
+
+    # columns: three compare points of the graph; the block holds the 3rd and 1st (in that order)
+    scores = torch.tensor([[4.0, 9.0, 8.0], [12.0, 9.0, 24.0]])
+    parts = BlockParts({}, {}, [2, 0], [])
+    w = _layer_weights(scores, parts, ReconstructionConfig(), sizes=[8, 2])
+    # tr/D: layer 3 -> [1, 3], layer 1 -> [2, 6]; largest mean over samples (layer 1: 4) -> 1
+    torch.testing.assert_close(w, torch.tensor([[0.25, 0.5], [0.75, 1.5]]))
+    uniform = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=False), sizes=[8, 2])
+    torch.testing.assert_close(uniform, torch.ones(2, 2))
+
+
 def test_per_channel_hessian_weighting_runs_and_changes_the_result():
     model = make_model("small_cnn")
     x = example_input("small_cnn", batch_size=64, seed=5)
