@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     budget = Budget(quick=args.quick, eptq_iters=args.eptq_iters, gptq_epochs=args.gptq_epochs,
                     gptq_steps=args.gptq_steps)
     if args.one:
+        # the per-block loss / SQNR lines of eptq_fx go to the run's log file (stderr), for diagnosis
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        logging.getLogger("eptq_fx").setLevel(logging.INFO)
         row = run_one(args.models, args.methods, args.bits, args.n_calib, args.n_test, budget)
         print(json.dumps(row, default=str), flush=True)
         return

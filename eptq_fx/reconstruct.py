@@ -78,23 +78,28 @@ def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionCo
 
 def _channel_profiles(hs: HessianScores | None, parts: BlockParts, cps: list[str],
                       rc: ReconstructionConfig) -> list[torch.Tensor | None]:
-    """Per compare point of the block: its channels' share of the layer's Hessian trace (mean 1 over channels,
-    averaged over samples to tame the per-channel Hutchinson noise), or None for an isotropic distance."""
+    """Per compare point of the block: (N, C) shares of each sample's trace held by each channel (dim 1),
+    mean 1 over the channels of a sample, or None for an isotropic distance.
+
+    Why per sample and per channel: a weight that is constant over everything one parameter influences is
+    undone by Adam's per-parameter step normalisation (a conv output channel depends on its own weight row
+    only), so only weights that vary across the samples (and positions) a parameter sees change the solution."""
     if hs is None or hs.per_channel is None or not rc.hessian_per_channel:
         return [None] * len(parts.cp_index)
     profiles = []
     for i in parts.cp_index:
-        c = hs.per_channel[cps[i]].mean(0)
-        profiles.append(c / c.mean() if c.numel() > 1 and float(c.mean()) > 0 else None)
+        c = hs.per_channel[cps[i]]
+        mean = c.mean(1, keepdim=True)
+        profiles.append(torch.where(mean > 0, c / mean.clamp_min(1e-30), 1.0) if c.shape[1] > 1 else None)
     return profiles
 
 
 def _distance(pred: torch.Tensor, target: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample squared error summed over features (AdaRound's reconstruction distance), each channel (dim 1)
-    weighted by ``profile`` when given."""
+    weighted by ``profile`` ((B, C), the batch's rows of the channel profile) when given."""
     sq = (pred - target).pow(2)
     if profile is not None:
-        sq = sq * profile.view(1, -1, *([1] * (sq.dim() - 2)))
+        sq = sq * profile.view(*profile.shape, *([1] * (sq.dim() - 2)))
     return sq.flatten(1).sum(1)
 
 
@@ -208,7 +213,8 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, ge
 
     def block_loss(idx: torch.Tensor) -> torch.Tensor:
         preds = sub(*(q_vals[name][idx] for name in block.inputs))[n_out:]
-        per_layer = torch.stack([_distance(p, f_targets[j][idx], profiles[j]) for j, p in enumerate(preds)], 1)
+        per_layer = torch.stack([_distance(p, f_targets[j][idx], None if profiles[j] is None else profiles[j][idx])
+                                 for j, p in enumerate(preds)], 1)
         return (per_layer * layer_w[idx]).sum(1).mean()
 
     reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term

@@ -102,27 +102,24 @@ def test_uniform_weighting_and_hmse_run_and_change_the_result():
     assert not torch.equal(outs["hessian"], outs["hmse"])
 
 
-def test_channel_profile_weights_each_channel_by_its_share_of_the_trace():
+def test_channel_profile_weights_each_channel_by_its_share_of_the_sample_trace():
     from eptq_fx.hessian import HessianScores
     from eptq_fx.reconstruct import _channel_profiles, _distance
 
-    # two samples, three channels; profile = mean over samples, normalised to mean 1 over channels
-    per_channel = {"conv": torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])}
+    # two samples, three channels; each sample's row is normalised to mean 1 over its channels
+    per_channel = {"conv": torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])}
     hs = HessianScores(["conv"], torch.ones(2, 1), 4, per_channel)
     parts = BlockParts({}, {}, [0], [])
     profile = _channel_profiles(hs, parts, ["conv"], ReconstructionConfig(hessian_per_channel=True))[0]
-    torch.testing.assert_close(profile, torch.ones(3))
-    per_channel["conv"] = torch.tensor([[1.0, 0.0, 2.0], [1.0, 0.0, 2.0]])
-    profile = _channel_profiles(hs, parts, ["conv"], ReconstructionConfig(hessian_per_channel=True))[0]
-    torch.testing.assert_close(profile, torch.tensor([1.0, 0.0, 2.0]))
+    torch.testing.assert_close(profile, torch.tensor([[0.5, 1.0, 1.5], [1.0, 1.0, 1.0]]))  # all-zero row: even
     assert _channel_profiles(hs, parts, ["conv"], ReconstructionConfig())[0] is None
-    # the distance weights the squared error of each channel (dim 1) by the profile, summed per sample
+    # the distance weights the squared error of each sample's channel (dim 1) by the profile, summed per sample
     pred, target = torch.zeros(2, 3, 2, 2), torch.ones(2, 3, 2, 2)
     target[1] *= 2.0
-    torch.testing.assert_close(_distance(pred, target, profile), torch.tensor([12.0, 48.0]))
     torch.testing.assert_close(_distance(pred, target), torch.tensor([12.0, 48.0]))
+    torch.testing.assert_close(_distance(pred, target, profile), torch.tensor([12.0, 48.0]))
     target[:, 2] = 0.0
-    torch.testing.assert_close(_distance(pred, target, profile), torch.tensor([4.0, 16.0]))
+    torch.testing.assert_close(_distance(pred, target, profile), torch.tensor([6.0, 32.0]))
 
 
 def test_layer_weights_are_trace_per_element_normalised_by_the_block_maximum():
