@@ -12,8 +12,9 @@ import torch.nn as nn
 
 from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 
-# eptq_uniform / eptq_network / eptq_hmse: the W4A4 ablations of the EPTQ issue (same seed, same data)
-ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_hmse", "eptq_channel")
+# the ablations of the EPTQ issue (same seed, same data): uniform weights, network-wise (with Hessian weights or
+# uniform ones), HMSE thresholds, per-sample-per-channel Hessian weights
+ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel")
 OURS = ("rtn", "eptq", "eptq_fast", *ABLATIONS)
 NETWORK_ITERS = 2000  # network-wise steps (each one a full forward/backward of the model)
 METHODS = ("float", *OURS, *PEER_MODULES)
@@ -43,11 +44,11 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
     elif method == "eptq_fast":
         iters = iters or EPTQ_FAST_ITERS
     rc = {} if iters is None else {"iters": iters}
-    if method == "eptq_uniform":
+    if method in ("eptq_uniform", "eptq_network_uniform"):
         rc["hessian_weighting"] = False
     elif method == "eptq_channel":
         rc["hessian_per_channel"] = True
-    elif method == "eptq_network":
+    if method in ("eptq_network", "eptq_network_uniform"):
         rc.update(granularity="network", iters=iters or NETWORK_ITERS)
     reconstruction = ReconstructionConfig(**rc)
     return EPTQConfig(weight_bits=w_bits, act_bits=a_bits, method="rtn" if method == "rtn" else "eptq",
