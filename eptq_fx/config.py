@@ -96,6 +96,9 @@ class HessianConfig:
     min_probes: int = 10
     tol: float = 1e-2  # stop when the running mean's relative change stays below tol
     probe: Literal["rademacher", "gaussian"] = "rademacher"
+    # when one sample's output has at most max_probes elements (e.g. 10 logits), probe with its unit directions
+    # instead: the exact per-sample trace in that many backward passes, no Hutchinson noise
+    exact_small_outputs: bool = True
     batch_size: int = 128  # samples per Hessian batch (independent of the reconstruction batch)
     weight_samples: int = 64  # images used for the per-element weight Hessian (HMSE thresholds)
     weight_probes: int = 16

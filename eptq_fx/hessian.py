@@ -223,27 +223,57 @@ def _batch_scores(probe_gm: torch.fx.GraphModule, params: dict, inputs: tuple, n
                                f"batch of {n}; per-sample scores need batch-first activations.")
     sums = [torch.zeros(n, device=a.device) for a in acts]
     channel_sums = [torch.zeros(n, a.shape[1] if a.dim() > 1 else 1, device=a.device) for a in acts]
-    history: list[float] = []
-    old_mean = None
-    k = 0
-    for k in range(1, config.max_probes + 1):
-        grads = torch.autograd.grad(leaves, acts, grad_outputs=_draw_probes(leaves, config.probe, gen),
-                                    retain_graph=k < config.max_probes, allow_unused=True)
+
+    def accumulate(probes: list[torch.Tensor], keep_graph: bool) -> None:
+        grads = torch.autograd.grad(leaves, acts, grad_outputs=probes, retain_graph=keep_graph, allow_unused=True)
         for i, g in enumerate(grads):
             if g is None:  # this compare point does not reach the output: its score stays 0
                 continue
             sq = g.detach().float().pow(2).reshape(n, g.shape[1] if g.dim() > 1 else 1, -1).sum(2)
             channel_sums[i] += sq
             sums[i] += sq.sum(1)
-        new_mean = torch.stack([s.sum() for s in sums]) / k
-        if old_mean is not None:
-            history.append(_relative_change(new_mean, old_mean))
-        old_mean = new_mean
-        if _converged(history, k, config):
-            break
-    scores = torch.stack(sums, dim=1) / k
-    channels = [c / k for c in channel_sums] if per_channel else None
+
+    size = _output_size(leaves, n) if config.exact_small_outputs else None
+    if size is not None and size <= config.max_probes:
+        # Σ_k ‖Jᵀe_k‖² over the K output directions is tr(JJᵀ) = tr(JᵀJ) exactly, in K backward passes: cheaper
+        # and noise-free when each sample's output is small (10 logits), where random probes would need ~100
+        # passes for per-sample scores as good
+        for k, probes in enumerate(_output_basis(leaves, n), 1):
+            accumulate(probes, keep_graph=k < size)
+        k, denominator = size, 1
+    else:
+        history: list[float] = []
+        old_mean = None
+        k = 0
+        for k in range(1, config.max_probes + 1):
+            accumulate(_draw_probes(leaves, config.probe, gen), keep_graph=k < config.max_probes)
+            new_mean = torch.stack([s.sum() for s in sums]) / k
+            if old_mean is not None:
+                history.append(_relative_change(new_mean, old_mean))
+            old_mean = new_mean
+            if _converged(history, k, config):
+                break
+        denominator = k
+    scores = torch.stack(sums, dim=1) / denominator
+    channels = [c / denominator for c in channel_sums] if per_channel else None
     return scores, channels, k
+
+
+def _output_size(leaves: list[torch.Tensor], n: int) -> int | None:
+    """Elements of one sample's output, or None when an output leaf is not batch-first."""
+    if any(t.dim() == 0 or t.shape[0] != n for t in leaves):
+        return None
+    return sum(t[0].numel() for t in leaves)
+
+
+def _output_basis(leaves: list[torch.Tensor], n: int) -> Iterator[list[torch.Tensor]]:
+    """The unit directions of one sample's output, each set in every sample of the batch at once (samples are
+    independent in eval mode): one probe list per direction."""
+    for j, t in enumerate(leaves):
+        for e in range(t[0].numel()):
+            probes = [torch.zeros(u.shape, dtype=u.dtype, device=u.device) for u in leaves]
+            probes[j].view(n, -1)[:, e] = 1.0
+            yield probes
 
 
 def label_free_hessian(gm: torch.fx.GraphModule, compare_points: Sequence[str], calib: CalibSet,

@@ -19,7 +19,7 @@ from eptq_fx.errors import HessianError
 from eptq_fx.hessian import label_free_hessian
 from eptq_fx.weight_hessian import weight_hessian
 
-NO_CACHE = HessianConfig(cache_dir=None, batch_size=16)
+NO_CACHE = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=16)
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +180,7 @@ def _z_scores(scores: torch.Tensor, exact: Exact, probes: int) -> torch.Tensor:
 def test_per_sample_scores_match_exact_trace(model, shape, names):
     gm = _traced(model)
     x = torch.randn(40, *shape, generator=torch.Generator().manual_seed(1))
-    config = HessianConfig(cache_dir=None)  # defaults: one batch of 40, early stop
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None)  # defaults: one batch of 40, early stop
     result = label_free_hessian(gm, names, CalibSet((x,)), config, seed=0, progress=False)
     exact = _exact(gm, x, names)
     assert result.names == names and result.scores.shape == (40, len(names))
@@ -193,13 +193,32 @@ def test_per_sample_scores_match_exact_trace(model, shape, names):
 
 
 @pytest.mark.parametrize("model, shape, names", [
+    (MLP(), (8,), ["fc1", "fc2", "fc3"]),
+    (TinyCNN(), (3, 7, 7), ["conv1", "conv2", "fc"]),
+    (Attention(), (5, 8), ["q", "matmul", "matmul_1", "proj"]),
+])
+def test_small_outputs_are_probed_along_their_basis_exactly(model, shape, names):
+    gm = _traced(model)
+    x = torch.randn(40, *shape, generator=torch.Generator().manual_seed(1))
+    result = label_free_hessian(gm, names, CalibSet((x,)), HessianConfig(cache_dir=None), progress=False)
+    exact = _exact(gm, x, names)
+    out_size = gm(x[:1]).numel()
+    assert result.n_probes == out_size  # one backward pass per output element of a sample
+    torch.testing.assert_close(result.scores, exact.trace, rtol=1e-4, atol=1e-6)
+    # an output larger than the probe budget falls back to Hutchinson probes
+    small_budget = HessianConfig(cache_dir=None, min_probes=2, max_probes=out_size - 1)
+    fallback = label_free_hessian(gm, names, CalibSet((x,)), small_budget, progress=False)
+    assert fallback.n_probes <= out_size - 1 and not torch.allclose(fallback.scores, exact.trace, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model, shape, names", [
     (MLP(), (8,), ["fc1", "fc2"]),
     (Attention(), (5, 8), ["k", "matmul"]),
 ])
 def test_error_shrinks_as_hutchinson_predicts_at_max_probes(model, shape, names):
     gm = _traced(model)
     x = torch.randn(40, *shape, generator=torch.Generator().manual_seed(2))
-    config = HessianConfig(cache_dir=None, min_probes=100, max_probes=100, batch_size=16)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, min_probes=100, max_probes=100, batch_size=16)
     result = label_free_hessian(gm, names, CalibSet((x,)), config, seed=1, progress=False)
     assert result.n_probes == 100
     exact = _exact(gm, x, names)
@@ -212,7 +231,7 @@ def test_error_shrinks_as_hutchinson_predicts_at_max_probes(model, shape, names)
 def test_per_channel_scores_match_exact_and_sum_to_the_layer_score():
     gm = _traced(TinyCNN())
     x = torch.randn(16, 3, 7, 7, generator=torch.Generator().manual_seed(2))
-    config = HessianConfig(cache_dir=None, min_probes=100, max_probes=100, batch_size=8)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, min_probes=100, max_probes=100, batch_size=8)
     result = label_free_hessian(gm, ["conv1", "conv2"], CalibSet((x,)), config, per_channel=True,
                                 progress=False)
     for i, name in enumerate(["conv1", "conv2"]):
@@ -231,7 +250,7 @@ def test_multi_output_matches_stacked_jacobian(kind):
     gm = _traced(MultiOutput(kind))
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
     names = ["fc1", "head_a", "head_b"]
-    config = HessianConfig(cache_dir=None, batch_size=8)  # 4 batches, each with its own early stop
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=8)  # 4 batches, each with its own early stop
     result = label_free_hessian(gm, names, CalibSet((x,)), config, progress=False)
     exact = _exact(gm, x, names)
     # Every batch used at least min_probes probes, so that standard error bounds each sample's error.
@@ -244,7 +263,7 @@ def test_multi_output_matches_stacked_jacobian(kind):
 def test_gaussian_probes_are_unbiased():
     gm = _traced(MLP())
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(4))
-    config = HessianConfig(cache_dir=None, probe="gaussian", min_probes=100, max_probes=100)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, probe="gaussian", min_probes=100, max_probes=100)
     result = label_free_hessian(gm, ["fc1", "fc2"], CalibSet((x,)), config, progress=False)
     exact = _exact_trace(gm, x, ["fc1", "fc2"])
     assert result.n_probes == 100
@@ -265,7 +284,7 @@ def test_early_stop_on_zero_variance_respects_min_probes(min_probes):
     # One output per sample: v = ±1, so ‖Jᵀv‖² is exact on every probe and the running mean never moves.
     gm = _traced(ScalarHead())
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(5))
-    config = HessianConfig(cache_dir=None, min_probes=min_probes, max_probes=50, batch_size=8)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, min_probes=min_probes, max_probes=50, batch_size=8)
     result = label_free_hessian(gm, ["fc1", "fc2"], CalibSet((x,)), config, progress=False)
     assert result.n_probes == max(min_probes, 4)  # 3 consecutive relative changes need 4 probes
     assert torch.allclose(result.scores, _exact_trace(gm, x, ["fc1", "fc2"]), rtol=1e-5)
@@ -274,9 +293,9 @@ def test_early_stop_on_zero_variance_respects_min_probes(min_probes):
 def test_noisy_case_runs_to_max_probes_with_tiny_tol():
     gm = _traced(MLP())
     x = torch.randn(8, 8, generator=torch.Generator().manual_seed(6))
-    config = HessianConfig(cache_dir=None, min_probes=2, max_probes=15, tol=1e-9)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, min_probes=2, max_probes=15, tol=1e-9)
     assert label_free_hessian(gm, ["fc1"], CalibSet((x,)), config, progress=False).n_probes == 15
-    early = label_free_hessian(gm, ["fc1"], CalibSet((x,)), HessianConfig(cache_dir=None), progress=False)
+    early = label_free_hessian(gm, ["fc1"], CalibSet((x,)), HessianConfig(exact_small_outputs=False, cache_dir=None), progress=False)
     assert 10 <= early.n_probes < 100
 
 
@@ -348,7 +367,7 @@ def test_model_is_left_untouched():
 def test_seed_determinism_and_cache_hit(tmp_path, caplog):
     gm = _traced(MLP())
     calib = CalibSet((torch.randn(12, 8, generator=torch.Generator().manual_seed(7)),))
-    config = HessianConfig(cache_dir=str(tmp_path / "cache"), max_probes=20)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=str(tmp_path / "cache"), max_probes=20)
     first = label_free_hessian(gm, ["fc1", "fc2"], calib, config, seed=3, per_channel=True, progress=False)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     with caplog.at_level(logging.INFO, logger="eptq_fx.hessian"):
@@ -357,7 +376,7 @@ def test_seed_determinism_and_cache_hit(tmp_path, caplog):
     assert "cache hit" in caplog.text
     assert torch.equal(first.scores, second.scores) and first.n_probes == second.n_probes
     assert torch.equal(first.per_channel["fc2"], second.per_channel["fc2"])
-    fresh = label_free_hessian(gm, ["fc1", "fc2"], calib, HessianConfig(cache_dir=None, max_probes=20),
+    fresh = label_free_hessian(gm, ["fc1", "fc2"], calib, HessianConfig(exact_small_outputs=False, cache_dir=None, max_probes=20),
                                seed=3, per_channel=True, progress=False)
     assert torch.equal(first.scores, fresh.scores)  # the cache returns what a recomputation gives
     other_seed = label_free_hessian(gm, ["fc1", "fc2"], calib, config, seed=4, progress=False)
@@ -431,7 +450,7 @@ def _weight_z(estimate, exact, std, n_samples, probes):
 def test_weight_hessian_matches_exact_diagonal():
     gm = _traced(TwoLayer())
     x = torch.randn(80, 6, generator=torch.Generator().manual_seed(8))
-    config = HessianConfig(cache_dir=None, batch_size=32)  # defaults: 64 samples, 16 probes
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=32)  # defaults: 64 samples, 16 probes
     result = weight_hessian(gm, ["fc1", "fc2"], CalibSet((x,)), config, progress=False)
     for name in ["fc1", "fc2"]:
         exact, std = _exact_weight_stats(gm, x[:64], name)
@@ -448,7 +467,7 @@ def test_weight_hessian_conv_kinds_and_batched_fallback(caplog):
     gm = _traced(ConvZoo())
     x = torch.randn(24, 2, 8, 8, generator=torch.Generator().manual_seed(9))
     names = ["stem", "grouped", "shared", "same", "line", "head"]
-    config = HessianConfig(cache_dir=None, batch_size=4, weight_samples=24, weight_probes=64)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=4, weight_samples=24, weight_probes=64)
     with caplog.at_level(logging.INFO, logger="eptq_fx.weight_hessian"):
         result = weight_hessian(gm, names, CalibSet((x,)), config, progress=False)
     assert "['same']" in caplog.text  # the one module without a per-sample rule, and said so
@@ -471,7 +490,7 @@ class Volume(nn.Module):
 def test_weight_hessian_conv3d_per_sample():
     gm = _traced(Volume())
     x = torch.randn(12, 2, 3, 3, 3, generator=torch.Generator().manual_seed(10))
-    config = HessianConfig(cache_dir=None, batch_size=5, weight_samples=12, weight_probes=32)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=5, weight_samples=12, weight_probes=32)
     result = weight_hessian(gm, ["conv"], CalibSet((x,)), config, progress=False)
     exact, std = _exact_weight_stats(gm, x, "conv")
     assert float(_weight_z(result["conv"], exact, std, 12, 32).abs().max()) < 5
