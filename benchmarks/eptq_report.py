@@ -16,8 +16,12 @@ from benchmarks.common import REPO_ROOT
 TITLE = "## EPTQ"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 LABELS = {"rtn": "RTN", "eptq": "EPTQ (default: block-wise, Hessian-weighted, 500 steps/block)",
-          "eptq_uniform": "EPTQ, uniform weights (no Hessian)", "eptq_network": "EPTQ, network-wise (2000 steps)",
-          "eptq_hmse": "EPTQ + HMSE weight thresholds"}
+          "eptq_uniform": "EPTQ, uniform weights (no Hessian)",
+          "eptq_channel": "EPTQ, Hessian weights per sample and channel",
+          "eptq_channel_mean": "EPTQ, Hessian weights per channel, averaged over samples (superseded variant)",
+          "eptq_hmse": "EPTQ + HMSE weight thresholds",
+          "eptq_network": "EPTQ, network-wise, Hessian-weighted (2000 steps)",
+          "eptq_network_uniform": "EPTQ, network-wise, uniform weights (2000 steps)"}
 
 
 def _load(names: list[str]) -> tuple[list[dict], list[str], dict]:
@@ -58,13 +62,15 @@ def section(rows: list[dict], commands: list[str], machine: dict) -> str:
             rss = f"{eptq['peak_rss_mib']:.0f} MiB" if eptq else "—"
             out.append(f"| {m} | {bits} | {ref if ref is not None else '—'} | {_cell(rtn, ref)} | "
                        f"{_cell(eptq, ref)} | {t} | {rss} |")
-    abl = [r for r in rows if r["method"] in LABELS and r["method"] != "rtn" and r["bits"] == "W4A4"]
-    if any(r["method"] != "eptq" for r in abl):
-        out += ["", "### Ablations at W4A4 (same seed, same calibration images)", "",
-                "| model | variant | top-1 | time | peak RSS |", "|---|---|---:|---:|---:|"]
-        for r in sorted(abl, key=lambda r: (r["model"], list(LABELS).index(r["method"]))):
+    ablated = {(r["model"], r["bits"]) for r in rows if r["method"] in LABELS and r["method"] not in ("rtn", "eptq")}
+    abl = [r for r in rows if r["method"] in LABELS and r["method"] != "rtn" and (r["model"], r["bits"]) in ablated]
+    if abl:
+        out += ["", "### Ablations (same seed, same calibration images, same budget unless stated)", "",
+                "| model | bits | variant | top-1 | time | peak RSS |", "|---|---|---|---:|---:|---:|"]
+        for r in sorted(abl, key=lambda r: (r["model"], r["bits"], list(LABELS).index(r["method"]))):
             ref = by.get((r["model"], "float", "FP32"), {}).get("top1")
-            out.append(f"| {r['model']} | {LABELS[r['method']]} | {_cell(r, ref)} | {r['quantize_s']:.0f} s | "
+            out.append(f"| {r['model']} | {r['bits']} | {LABELS[r['method']]} | {_cell(r, ref)} | "
+                       f"{r['quantize_s']:.0f} s | "
                        f"{r['peak_rss_mib']:.0f} MiB |")
     out += ["", "Commands (from the repository root; the `*_main` runs were stopped after their RTN rows to free the "
             "cores, their EPTQ rows come from the `*_eptq` runs; a dash is a setting not run yet):", ""]
