@@ -19,6 +19,7 @@ LABELS = {"rtn": "RTN", "eptq": "EPTQ (default: block-wise, Hessian-weighted, 50
           "eptq_uniform": "EPTQ, uniform weights (no Hessian)",
           "eptq_channel": "EPTQ, Hessian weights per sample and channel",
           "eptq_channel_mean": "EPTQ, Hessian weights per channel, averaged over samples (superseded variant)",
+          "eptq_kl": "EPTQ, Hessian of the KL to the model's own softmax (label-free)",
           "eptq_hmse": "EPTQ + HMSE weight thresholds",
           "eptq_network": "EPTQ, network-wise, Hessian-weighted (2000 steps)",
           "eptq_network_uniform": "EPTQ, network-wise, uniform weights (2000 steps)"}

@@ -14,7 +14,7 @@ from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 
 # the ablations of the EPTQ issue (same seed, same data): uniform weights, network-wise (with Hessian weights or
 # uniform ones), HMSE thresholds, per-sample-per-channel Hessian weights
-ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel")
+ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl")
 OURS = ("rtn", "eptq", "eptq_fast", *ABLATIONS)
 NETWORK_ITERS = 2000  # network-wise steps (each one a full forward/backward of the model)
 METHODS = ("float", *OURS, *PEER_MODULES)
@@ -36,7 +36,8 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
     from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 
     # cache_dir=None: every run pays for its own Hessian, so wall times compare like for like.
-    hessian = HessianConfig(cache_dir=None)
+    # eptq_kl: the Hessian of the KL divergence to the model's own softmax instead of tr(JᵀJ) of the logits
+    hessian = HessianConfig(cache_dir=None, output_metric="softmax" if method == "eptq_kl" else "identity")
     iters = budget.eptq_iters
     if budget.quick:
         hessian = HessianConfig(max_probes=10, min_probes=2, weight_samples=16, weight_probes=4, cache_dir=None)

@@ -99,6 +99,9 @@ class HessianConfig:
     # when one sample's output has at most max_probes elements (e.g. 10 logits), probe with its unit directions
     # instead: the exact per-sample trace in that many backward passes, no Hutchinson noise
     exact_small_outputs: bool = True
+    # "identity": tr(JᵀJ), the paper's label-free Hessian; "softmax": tr(Jᵀ(diag(p) − ppᵀ)J) with p the model's
+    # own softmax, the Hessian of the KL divergence to its prediction (still label-free; classifiers only)
+    output_metric: Literal["identity", "softmax"] = "identity"
     batch_size: int = 128  # samples per Hessian batch (independent of the reconstruction batch)
     weight_samples: int = 64  # images used for the per-element weight Hessian (HMSE thresholds)
     weight_probes: int = 16
@@ -111,6 +114,7 @@ class HessianConfig:
             raise ConfigError("HessianConfig.min_probes must not exceed max_probes.")
         _check_positive("HessianConfig.tol", self.tol, integer=False)
         _check_choice("HessianConfig.probe", self.probe, ("rademacher", "gaussian"))
+        _check_choice("HessianConfig.output_metric", self.output_metric, ("identity", "softmax"))
 
 
 @dataclass(frozen=True)

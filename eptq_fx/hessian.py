@@ -224,7 +224,11 @@ def _batch_scores(probe_gm: torch.fx.GraphModule, params: dict, inputs: tuple, n
     sums = [torch.zeros(n, device=a.device) for a in acts]
     channel_sums = [torch.zeros(n, a.shape[1] if a.dim() > 1 else 1, device=a.device) for a in acts]
 
+    metric = _softmax_metric_root(leaves) if config.output_metric == "softmax" else None
+
     def accumulate(probes: list[torch.Tensor], keep_graph: bool) -> None:
+        if metric is not None:
+            probes = [metric(probes[0])]
         grads = torch.autograd.grad(leaves, acts, grad_outputs=probes, retain_graph=keep_graph, allow_unused=True)
         for i, g in enumerate(grads):
             if g is None:  # this compare point does not reach the output: its score stays 0
@@ -257,6 +261,23 @@ def _batch_scores(probe_gm: torch.fx.GraphModule, params: dict, inputs: tuple, n
     scores = torch.stack(sums, dim=1) / denominator
     channels = [c / denominator for c in channel_sums] if per_channel else None
     return scores, channels, k
+
+
+def _softmax_metric_root(leaves: list[torch.Tensor]):
+    """u ↦ B u with B Bᵀ = diag(p) − ppᵀ, p = softmax of the logits: probing with B u turns E‖Jᵀv‖² into
+    tr(Jᵀ (diag(p) − ppᵀ) J), the Hessian of the KL divergence to the model's own prediction (still label-free).
+    B = diag(√p) − p √pᵀ: B Bᵀ = diag(p) − 2ppᵀ + p (Σp) pᵀ = diag(p) − ppᵀ."""
+    if len(leaves) != 1 or leaves[0].dim() != 2:
+        raise HessianError("output_metric='softmax' needs a single (batch, classes) logits output; got "
+                           f"{[tuple(t.shape) for t in leaves]}.")
+    p = torch.softmax(leaves[0].detach().float(), dim=-1)
+    root = p.sqrt()
+
+    def apply(u: torch.Tensor) -> torch.Tensor:
+        su = root * u.float()
+        return (su - p * su.sum(-1, keepdim=True)).to(u.dtype)
+
+    return apply
 
 
 def _output_size(leaves: list[torch.Tensor], n: int) -> int | None:

@@ -211,6 +211,35 @@ def test_small_outputs_are_probed_along_their_basis_exactly(model, shape, names)
     assert fallback.n_probes <= out_size - 1 and not torch.allclose(fallback.scores, exact.trace, rtol=1e-4)
 
 
+@pytest.mark.parametrize("exact_small_outputs", [True, False])
+def test_softmax_output_metric_gives_the_kl_hessian_trace(exact_small_outputs):
+    gm = _traced(MLP())
+    names = ["fc1", "fc2"]
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(2))
+    config = HessianConfig(cache_dir=None, output_metric="softmax", exact_small_outputs=exact_small_outputs,
+                           min_probes=100, max_probes=100)
+    result = label_free_hessian(gm, names, CalibSet((x,)), config, progress=False)
+    p = torch.softmax(gm(x).detach(), -1)
+    metric = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, K, K): Hessian of KL at the prediction
+    for j, name in enumerate(names):
+        jac = _jacobian(gm, x, name)  # (N, K, D)
+        want = torch.einsum("nkd,nkl,nld->n", jac, metric, jac)
+        rtol = 1e-4 if exact_small_outputs else 0.25  # 100 probes: a few-% error on average, more per sample
+        torch.testing.assert_close(result.scores[:, j], want, rtol=rtol, atol=1e-7)
+        if not exact_small_outputs:
+            assert abs(float(result.scores[:, j].mean() / want.mean()) - 1) < 0.05
+    # the KL metric shrinks confident samples: their scores are below the plain tr(JᵀJ)
+    plain = label_free_hessian(gm, names, CalibSet((x,)), HessianConfig(cache_dir=None), progress=False)
+    assert bool((result.scores < plain.scores).all())
+
+
+def test_softmax_output_metric_rejects_non_logit_outputs():
+    gm = _traced(nn.Sequential(nn.Linear(8, 4)))  # (batch, tokens, features) output: no class axis to soften
+    with pytest.raises(HessianError, match="logits"):
+        label_free_hessian(gm, ["_0"], CalibSet((torch.randn(4, 5, 8),)),
+                           HessianConfig(cache_dir=None, output_metric="softmax"), progress=False)
+
+
 @pytest.mark.parametrize("model, shape, names", [
     (MLP(), (8,), ["fc1", "fc2"]),
     (Attention(), (5, 8), ["k", "matmul"]),
