@@ -51,7 +51,7 @@ def run_one(model_name: str, method: str, bits: str, n_calib: int, n_test: int |
     row = {"model": model_name, "dataset": spec.dataset, "method": method, "bits": bits.upper(), "status": "ok",
            "reason": None, "top1": None, "n_calib": n_calib, "n_test": None, "quick": budget.quick,
            "quantize_s": None, "eval_s": None, "peak_rss_mib": None, "rss_before_mib": None,
-           "threads": torch.get_num_threads(), "details": {}}
+           "threads": torch.get_num_threads(), "details": {}, "seed": budget.seed}
     try:
         model = spec.build()
         calib = load_calibration(spec.dataset, spec.prep, n_calib)
@@ -82,7 +82,7 @@ def _child_command(args: argparse.Namespace, model: str, method: str, bits: str)
            "--bits", bits, "--n-calib", str(args.n_calib), "--threads", str(args.threads),
            "--gptq-epochs", str(args.gptq_epochs)]
     for flag, value in (("--gptq-steps", args.gptq_steps), ("--eptq-iters", args.eptq_iters),
-                        ("--n-test", args.n_test)):
+                        ("--n-test", args.n_test), ("--seed", args.seed or None)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd + (["--quick"] if args.quick else [])
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gptq-epochs", type=int, default=150)
     parser.add_argument("--gptq-steps", type=int, default=None)
     parser.add_argument("--eptq-iters", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="eptq_fx seed (the calibration images stay the same)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per subprocess")
     parser.add_argument("--out", default=None, help="results name under benchmarks/results (default: compare, "
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     _settings(args)
     torch.set_num_threads(args.threads)
     budget = Budget(quick=args.quick, eptq_iters=args.eptq_iters, gptq_epochs=args.gptq_epochs,
-                    gptq_steps=args.gptq_steps)
+                    gptq_steps=args.gptq_steps, seed=args.seed)
     if args.one:
         # the per-block loss / SQNR lines of eptq_fx go to the run's log file (stderr), for diagnosis
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")

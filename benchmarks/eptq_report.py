@@ -33,7 +33,7 @@ def _load(names: list[str]) -> tuple[list[dict], list[str], dict]:
         machine = data.get("machine", machine)
         for r in data["results"]:
             if r.get("status") == "ok":
-                rows[(r["model"], r["method"], r["bits"])] = r  # later files win
+                rows[(r["model"], r["method"], r["bits"], r.get("seed", 0))] = r  # later files win
     return list(rows.values()), commands, machine
 
 
@@ -44,7 +44,8 @@ def _cell(r: dict | None, ref: float | None) -> str:
     return f"{r['top1']:.2f}{drop}"
 
 
-def section(rows: list[dict], commands: list[str], machine: dict) -> str:
+def section(all_rows: list[dict], commands: list[str], machine: dict) -> str:
+    rows = [r for r in all_rows if not r.get("seed")]  # the tables: seed 0; other seeds show the spread
     by = {(r["model"], r["method"], r["bits"]): r for r in rows}
     models = sorted({r["model"] for r in rows}, key=lambda m: (m != "resnet20", m))
     out = [TITLE, "",
@@ -73,6 +74,15 @@ def section(rows: list[dict], commands: list[str], machine: dict) -> str:
             out.append(f"| {r['model']} | {r['bits']} | {LABELS[r['method']]} | {_cell(r, ref)} | "
                        f"{r['quantize_s']:.0f} s | "
                        f"{r['peak_rss_mib']:.0f} MiB |")
+    reseeded = {(r["model"], r["method"], r["bits"]) for r in all_rows if r.get("seed")}
+    if reseeded:
+        out += ["", "### Seed spread (same calibration images; the seed drives the Hessian probes and the "
+                "reconstruction batches)", "", "| model | bits | variant | top-1 by seed |", "|---|---|---|---|"]
+        for key in sorted(reseeded):
+            runs = sorted((r.get("seed", 0), r["top1"]) for r in all_rows
+                          if (r["model"], r["method"], r["bits"]) == key)
+            out.append(f"| {key[0]} | {key[2]} | {LABELS.get(key[1], key[1])} | "
+                       + ", ".join(f"{t:.2f} (seed {sd})" for sd, t in runs) + " |")
     out += ["", "Commands (from the repository root; the `*_main` runs were stopped after their RTN rows to free the "
             "cores, their EPTQ rows come from the `*_eptq` runs; a dash is a setting not run yet):", ""]
     out += [f"- `{c}`" for c in commands]

@@ -30,6 +30,7 @@ class Budget:
     eptq_iters: int | None = None  # None: eptq_fx's default (eptq) / EPTQ_FAST_ITERS (eptq_fast)
     gptq_epochs: int = 150  # MCT GPTQ epochs; one epoch = ceil(n_calib / 32) steps
     gptq_steps: int | None = None  # if set, overrides gptq_epochs (smallest epoch count reaching it)
+    seed: int = 0  # eptq_fx's seed (Hessian probes, reconstruction batches); the calibration set stays fixed
 
 
 def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Budget):
@@ -53,7 +54,7 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
         rc.update(granularity="network", iters=iters or NETWORK_ITERS)
     reconstruction = ReconstructionConfig(**rc)
     return EPTQConfig(weight_bits=w_bits, act_bits=a_bits, method="rtn" if method == "rtn" else "eptq",
-                      n_calib=n_calib, hessian=hessian, reconstruction=reconstruction,
+                      n_calib=n_calib, hessian=hessian, reconstruction=reconstruction, seed=budget.seed,
                       weight_range="hmse" if method == "eptq_hmse" else "mse")
 
 
