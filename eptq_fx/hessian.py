@@ -122,6 +122,16 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
             m.training = f
 
 
+def _probe_batches(gm: torch.fx.GraphModule, calib: CalibSet, batch_size: int, desc: str,
+                   progress: bool) -> Iterator[tuple[torch.Tensor, tuple]]:
+    """(sample indices, inputs on the model's device) per batch, with ``gm`` in eval mode and grad enabled."""
+    device = _model_device(gm)
+    with _eval_mode(gm), torch.enable_grad():
+        for idx, inputs in tqdm(calib.batches(batch_size), total=math.ceil(calib.n / batch_size), desc=desc,
+                                disable=not progress, leave=False):
+            yield idx, (inputs if device is None else tuple(t.to(device) for t in inputs))
+
+
 def _model_device(gm: torch.nn.Module) -> torch.device | None:
     for t in (*gm.parameters(), *gm.buffers()):
         return t.device
@@ -318,24 +328,18 @@ def label_free_hessian(gm: torch.fx.GraphModule, compare_points: Sequence[str], 
         if hit is not None:
             return HessianScores(hit["names"], hit["scores"], hit["n_probes"], hit["per_channel"])
     start = time.perf_counter()
-    device = _model_device(gm)
     params = {n: p.detach() for n, p in gm.named_parameters()}
     gen = torch.Generator().manual_seed(seed)
     scores = torch.zeros(calib.n, len(names))
     channels: list[list[torch.Tensor]] = []
     probe_counts = []
-    n_batches = math.ceil(calib.n / config.batch_size)
-    with _eval_mode(gm), torch.enable_grad():
-        for idx, inputs in tqdm(calib.batches(config.batch_size), total=n_batches, desc="label-free Hessian",
-                                disable=not progress, leave=False):
-            if device is not None:
-                inputs = tuple(t.to(device) for t in inputs)
-            batch, batch_channels, k = _batch_scores(probe_gm, params, inputs, names, config, gen,
-                                                     per_channel)
-            scores[idx] = batch.cpu()
-            if batch_channels is not None:
-                channels.append([c.cpu() for c in batch_channels])
-            probe_counts.append(k)
+    for idx, inputs in _probe_batches(gm, calib, config.batch_size, "label-free Hessian", progress):
+        batch, batch_channels, k = _batch_scores(probe_gm, params, inputs, names, config, gen,
+                                                 per_channel)
+        scores[idx] = batch.cpu()
+        if batch_channels is not None:
+            channels.append([c.cpu() for c in batch_channels])
+        probe_counts.append(k)
     logger.debug("Hessian probes per batch: %s", probe_counts)
     _check_scores(scores, names)
     per_channel_scores = ({name: torch.cat([c[i] for c in channels]) for i, name in enumerate(names)}

@@ -9,14 +9,12 @@ module types (and convs with string padding or non-zero padding modes) fall back
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 
 import torch
 import torch.fx
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from .config import HessianConfig
 from .data import CalibSet
@@ -27,9 +25,8 @@ from .hessian import (
     _cache_store,
     _differentiable_leaves,
     _draw_probes,
-    _eval_mode,
-    _model_device,
     _no_output_dependence,
+    _probe_batches,
     _probe_module,
 )
 
@@ -138,18 +135,12 @@ def weight_hessian(gm: torch.fx.GraphModule, module_names: Sequence[str], calib:
     points = list(dict.fromkeys(n for s in calls for n in (s.args[0].name, s.name)))
     probe_gm = _probe_module(gm, points) if exact else None
     sums = {name: torch.zeros_like(params[f"{name}.weight"], dtype=torch.float32) for name in names}
-    device = _model_device(gm)
     gen = torch.Generator().manual_seed(seed)
-    n_batches = math.ceil(subset.n / config.batch_size)
-    with _eval_mode(gm), torch.enable_grad():
-        for _, inputs in tqdm(subset.batches(config.batch_size), total=n_batches, desc="weight Hessian",
-                              disable=not progress, leave=False):
-            if device is not None:
-                inputs = tuple(t.to(device) for t in inputs)
-            if exact:
-                _accumulate_per_sample(probe_gm, params, inputs, modules, exact, points, sums, config, gen)
-            if batched:
-                _accumulate_batched(gm, params, inputs, batched, sums, config, gen)
+    for _, inputs in _probe_batches(gm, subset, config.batch_size, "weight Hessian", progress):
+        if exact:
+            _accumulate_per_sample(probe_gm, params, inputs, modules, exact, points, sums, config, gen)
+        if batched:
+            _accumulate_batched(gm, params, inputs, batched, sums, config, gen)
     result = {name: (sums[name] / (subset.n * config.weight_probes)).cpu() for name in names}
     zero = [n for n, h in result.items() if not bool((h != 0).any())]
     if len(zero) == len(names):
