@@ -16,13 +16,15 @@ from benchmarks.common import REPO_ROOT
 TITLE = "## EPTQ"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 LABELS = {"rtn": "RTN", "eptq": "EPTQ (default: block-wise, Hessian-weighted, 500 steps/block)",
+          "eptq_exact": "EPTQ default, exact Hessian along the 10 logits (current code)",
           "eptq_uniform": "EPTQ, uniform weights (no Hessian)",
           "eptq_channel": "EPTQ, Hessian weights per sample and channel",
           "eptq_channel_mean": "EPTQ, Hessian weights per channel, averaged over samples (superseded variant)",
           "eptq_kl": "EPTQ, Hessian of the KL to the model's own softmax (label-free)",
           "eptq_hmse": "EPTQ + HMSE weight thresholds",
           "eptq_network": "EPTQ, network-wise, Hessian-weighted (2000 steps)",
-          "eptq_network_uniform": "EPTQ, network-wise, uniform weights (2000 steps)"}
+          "eptq_network_uniform": "EPTQ, network-wise, uniform weights (2000 steps)",
+          "eptq_network_tr": "EPTQ, network-wise, layer weight tr instead of tr/D (superseded, 2000 steps)"}
 
 
 def _load(names: list[str]) -> tuple[list[dict], list[str], dict]:
@@ -74,7 +76,7 @@ def section(all_rows: list[dict], commands: list[str], machine: dict) -> str:
             out.append(f"| {r['model']} | {r['bits']} | {LABELS[r['method']]} | {_cell(r, ref)} | "
                        f"{r['quantize_s']:.0f} s | "
                        f"{r['peak_rss_mib']:.0f} MiB |")
-    reseeded = {(r["model"], r["method"], r["bits"]) for r in all_rows if r.get("seed")}
+    reseeded = {(r["model"], r["method"], r["bits"]) for r in all_rows if r.get("seed") and r["method"] != "float"}
     if reseeded:
         out += ["", "### Seed spread (same calibration images; the seed drives the Hessian probes and the "
                 "reconstruction batches)", "", "| model | bits | variant | top-1 by seed |", "|---|---|---|---|"]
