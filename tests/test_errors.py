@@ -289,11 +289,12 @@ def test_unknown_override_name_lists_close_matches():
     (lambda: EPTQConfig(method="eptqq"), r"method must be one of .* Did you mean 'eptq'\?"),
     (lambda: EPTQConfig(act_range="mes"), r"Did you mean 'mse'\?"),
     (lambda: HessianConfig(min_probes=20, max_probes=10), "min_probes must not exceed max_probes"),
+    (lambda: HessianConfig(output_metric="softmx"), r"output_metric must be one of .* Did you mean 'softmax'\?"),
     (lambda: ReconstructionConfig(qdrop=1.0), r"qdrop must be in \[0, 1\)"),
     (lambda: EPTQConfig(n_calib=0), "n_calib must be a positive integer, got 0"),
     (lambda: EPTQConfig(seed=1.5), "seed must be an integer, got 1.5"),
     (lambda: Override(name="a", regex="a"), "exactly one of name=, regex= or module_type="),
-], ids=["method", "act_range", "probes", "qdrop", "n_calib", "seed", "override-selector"])
+], ids=["method", "act_range", "probes", "output_metric", "qdrop", "n_calib", "seed", "override-selector"])
 def test_invalid_config_values(make, message):
     with pytest.raises(ConfigError, match=message):
         make()
