@@ -279,7 +279,8 @@ def test_multi_output_matches_stacked_jacobian(kind):
     gm = _traced(MultiOutput(kind))
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
     names = ["fc1", "head_a", "head_b"]
-    config = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=8)  # 4 batches, each with its own early stop
+    # 4 batches, each with its own early stop
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=8)
     result = label_free_hessian(gm, names, CalibSet((x,)), config, progress=False)
     exact = _exact(gm, x, names)
     # Every batch used at least min_probes probes, so that standard error bounds each sample's error.
@@ -313,7 +314,8 @@ def test_early_stop_on_zero_variance_respects_min_probes(min_probes):
     # One output per sample: v = ±1, so ‖Jᵀv‖² is exact on every probe and the running mean never moves.
     gm = _traced(ScalarHead())
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(5))
-    config = HessianConfig(exact_small_outputs=False, cache_dir=None, min_probes=min_probes, max_probes=50, batch_size=8)
+    config = HessianConfig(exact_small_outputs=False, cache_dir=None, min_probes=min_probes, max_probes=50,
+                           batch_size=8)
     result = label_free_hessian(gm, ["fc1", "fc2"], CalibSet((x,)), config, progress=False)
     assert result.n_probes == max(min_probes, 4)  # 3 consecutive relative changes need 4 probes
     assert torch.allclose(result.scores, _exact_trace(gm, x, ["fc1", "fc2"]), rtol=1e-5)
@@ -324,7 +326,8 @@ def test_noisy_case_runs_to_max_probes_with_tiny_tol():
     x = torch.randn(8, 8, generator=torch.Generator().manual_seed(6))
     config = HessianConfig(exact_small_outputs=False, cache_dir=None, min_probes=2, max_probes=15, tol=1e-9)
     assert label_free_hessian(gm, ["fc1"], CalibSet((x,)), config, progress=False).n_probes == 15
-    early = label_free_hessian(gm, ["fc1"], CalibSet((x,)), HessianConfig(exact_small_outputs=False, cache_dir=None), progress=False)
+    early = label_free_hessian(gm, ["fc1"], CalibSet((x,)), HessianConfig(exact_small_outputs=False, cache_dir=None),
+                               progress=False)
     assert 10 <= early.n_probes < 100
 
 
@@ -405,7 +408,8 @@ def test_seed_determinism_and_cache_hit(tmp_path, caplog):
     assert "cache hit" in caplog.text
     assert torch.equal(first.scores, second.scores) and first.n_probes == second.n_probes
     assert torch.equal(first.per_channel["fc2"], second.per_channel["fc2"])
-    fresh = label_free_hessian(gm, ["fc1", "fc2"], calib, HessianConfig(exact_small_outputs=False, cache_dir=None, max_probes=20),
+    fresh = label_free_hessian(gm, ["fc1", "fc2"], calib,
+                               HessianConfig(exact_small_outputs=False, cache_dir=None, max_probes=20),
                                seed=3, per_channel=True, progress=False)
     assert torch.equal(first.scores, fresh.scores)  # the cache returns what a recomputation gives
     other_seed = label_free_hessian(gm, ["fc1", "fc2"], calib, config, seed=4, progress=False)
