@@ -12,6 +12,7 @@ import json
 import sys
 
 from benchmarks.common import REPO_ROOT
+from benchmarks.report import replace_section
 
 TITLE = "## EPTQ"
 RESULTS = REPO_ROOT / "benchmarks" / "results"
@@ -95,21 +96,12 @@ def section(all_rows: list[dict], commands: list[str], machine: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def replace_section(text: str, new: str) -> str:
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == TITLE), None)
-    if start is None:
-        return text.rstrip("\n") + "\n\n" + new
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return "\n".join(lines[:start] + new.rstrip("\n").splitlines() + [""] + lines[end:]).rstrip("\n") + "\n"
-
-
 def main(names: list[str]) -> None:
-    rows, commands, machine = _load(names)
+    text = section(*_load(names))
     path = REPO_ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    path.write_text(replace_section(text, section(rows, commands, machine)))
-    print(section(rows, commands, machine))
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(replace_section(old, text, TITLE))
+    print(text)
 
 
 if __name__ == "__main__":

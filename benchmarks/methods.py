@@ -5,6 +5,7 @@ gets the same float model and the same calibration tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
     hessian = HessianConfig(cache_dir=None, output_metric="softmax" if method == "eptq_kl" else "identity")
     iters = budget.eptq_iters
     if budget.quick:
-        hessian = HessianConfig(max_probes=10, min_probes=2, weight_samples=16, weight_probes=4, cache_dir=None)
+        hessian = dataclasses.replace(hessian, max_probes=10, min_probes=2, weight_samples=16, weight_probes=4)
         iters = iters or 20
     elif method == "eptq_fast":
         iters = iters or EPTQ_FAST_ITERS

@@ -135,11 +135,11 @@ def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> st
     return "\n".join(lines)
 
 
-def replace_section(text: str, section: str) -> str:
-    """``text`` with its "## Comparison" section (up to the next level-2 heading) replaced by ``section``;
+def replace_section(text: str, section: str, title: str = SECTION_TITLE) -> str:
+    """``text`` with its ``title`` section (up to the next level-2 heading) replaced by ``section``;
     appended when absent. Other sections are left exactly as they were."""
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
     if start is None:
         return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section.rstrip("\n") + "\n"
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))

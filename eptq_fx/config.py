@@ -139,8 +139,8 @@ class ReconstructionConfig:
     act_phase_in: bool = True  # activation quantization phased in: p·x + (1−p)·Q(x), p from 1 to 0
     qdrop: float = 0.0  # probability of keeping an activation in float (QDrop); 0 disables
     hessian_weighting: bool = True  # False = uniform weights (ablation)
-    # also weight each channel (dim 1) of a compare point by its share of the layer's Hessian trace: a diagonal
-    # (per-channel) rather than isotropic second-order approximation of the output error
+    # also weight each channel (dim 1) of a compare point by its share of that sample's Hessian trace: a
+    # per-sample block-diagonal (per-channel) rather than isotropic second-order approximation of the output error
     hessian_per_channel: bool = False
 
     def __post_init__(self) -> None:

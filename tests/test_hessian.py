@@ -172,11 +172,15 @@ def _z_scores(scores: torch.Tensor, exact: Exact, probes: int) -> torch.Tensor:
     return (scores - exact.trace)[noisy] / (exact.std[noisy] / math.sqrt(probes))
 
 
-@pytest.mark.parametrize("model, shape, names", [
+# (model, input shape of one sample, compare points): an MLP, a CNN and an attention block
+SCORE_CASES = [
     (MLP(), (8,), ["fc1", "fc2", "fc3"]),
     (TinyCNN(), (3, 7, 7), ["conv1", "conv2", "fc"]),
     (Attention(), (5, 8), ["q", "matmul", "matmul_1", "proj"]),
-])
+]
+
+
+@pytest.mark.parametrize("model, shape, names", SCORE_CASES)
 def test_per_sample_scores_match_exact_trace(model, shape, names):
     gm = _traced(model)
     x = torch.randn(40, *shape, generator=torch.Generator().manual_seed(1))
@@ -192,11 +196,7 @@ def test_per_sample_scores_match_exact_trace(model, shape, names):
     assert torch.allclose(result.scores.mean(0), exact.trace.mean(0), rtol=0.05)
 
 
-@pytest.mark.parametrize("model, shape, names", [
-    (MLP(), (8,), ["fc1", "fc2", "fc3"]),
-    (TinyCNN(), (3, 7, 7), ["conv1", "conv2", "fc"]),
-    (Attention(), (5, 8), ["q", "matmul", "matmul_1", "proj"]),
-])
+@pytest.mark.parametrize("model, shape, names", SCORE_CASES)
 def test_small_outputs_are_probed_along_their_basis_exactly(model, shape, names):
     gm = _traced(model)
     x = torch.randn(40, *shape, generator=torch.Generator().manual_seed(1))
