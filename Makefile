@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev,demo
 TORCH_VERSION := 2.13.0
 # pip must never resolve PyPI's CUDA build of torch (gigabytes): on Linux we ask for the CPU build by its local
-# version label, which only the CPU wheel index (or a local wheel in pip's find-links) provides.
+# version label, which only a local wheel in pip's find-links or the CPU wheel index provides (tried in that
+# order: an unreachable index costs minutes of retries).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 ifeq ($(shell uname -s),Linux)
 TORCH_SPEC := torch==$(TORCH_VERSION)+cpu
@@ -18,7 +19,7 @@ TORCH_OK := import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$(TO
 .PHONY: demo test test-slow bench install clean-venv
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/eptq-fx demo
+	$(PY) -m examples.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -36,7 +37,8 @@ $(PY):
 
 # The stamps make a second `make test` skip pip entirely until pyproject.toml changes.
 $(VENV)/.torch: | $(PY)
-	@$(PY) -c "$(TORCH_OK)" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)" --extra-index-url $(TORCH_INDEX)
+	@$(PY) -c "$(TORCH_OK)" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)" 2>/dev/null || \
+		$(PY) -m pip install "$(TORCH_SPEC)" --extra-index-url $(TORCH_INDEX)
 	@$(PY) -c "$(TORCH_OK)" || (echo "error: $(VENV) needs a CPU-only torch $(TORCH_VERSION)" >&2; exit 1)
 	@touch $@
 

@@ -24,9 +24,9 @@ import numba
 import numpy as np
 import torch
 
-from eptq_fx.kernels import search_weight_scale
-from eptq_fx.kernels.reference import search_weight_scale_ref, weight_error_ref
-from eptq_fx.kernels.weight_scale import _search_rows
+from eptq_fx.numerics.kernels import search_weight_scale
+from eptq_fx.numerics.kernels.reference import search_weight_scale_ref, weight_error_ref
+from eptq_fx.numerics.kernels.weight_scale import _search_rows
 
 BITS, N_GRID, MIN_RATIO = 4, 100, 0.2
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def timed(fn, repeats: int) -> tuple[float, list]:
 def compile_seconds() -> tuple[float, float]:
     """First-call seconds of a tiny search in a fresh process: empty numba cache, then warm cache."""
     code = (
-        "import time, numpy as np; from eptq_fx.kernels import search_weight_scale as f;"
+        "import time, numpy as np; from eptq_fx.numerics.kernels import search_weight_scale as f;"
         "w = np.ones((2, 3), np.float32); t = time.perf_counter(); f(w, 4); print(time.perf_counter() - t)"
     )
     with tempfile.TemporaryDirectory() as cache_dir:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks.common import FASHION_MNIST_MEAN_STD, HALF_MEAN_STD, IMAGENET_MEAN_STD, Preprocessing, data_file
-from tests import models as arch
+from examples import models as arch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / ".weights"
 

@@ -3,15 +3,25 @@
 One call: ``eptq_fx.quantize(model, calib_data, eptq_fx.EPTQConfig(weight_bits=4, act_bits=8))``.
 Staged: ``capture → prepare → calibrate → reconstruct → convert → export``.
 """
-from . import errors
-from . import reconstruct as _reconstruct_module  # noqa: F401  (load the module before the function shadows it)
-from .api import prepare, quantize, reconstruct
-from .calibrate import calibrate
-from .capture import capture
-from .config import KEEP, EPTQConfig, HessianConfig, Override, ReconstructionConfig
-from .errors import CalibrationDataError, CheckpointError, ConfigError, EPTQError, HessianError, ModelError, TraceError
-from .export import export, export_onnx
-from .passes.convert import convert
+from eptq_fx import (
+    errors,
+    export,  # the module: eptq_fx.export.export / export_onnx / load
+)
+from eptq_fx.config import KEEP, EPTQConfig, HessianConfig, Override, ReconstructionConfig
+from eptq_fx.errors import (
+    CalibrationDataError,
+    CheckpointError,
+    ConfigError,
+    EPTQError,
+    HessianError,
+    ModelError,
+    TraceError,
+)
+from eptq_fx.export import export_onnx
+from eptq_fx.graph.passes.qdq_lowering import convert
+from eptq_fx.graph.tracing import capture
+from eptq_fx.numerics.calibration import calibrate
+from eptq_fx.pipeline import prepare, quantize, reconstruct
 
 __all__ = [
     "quantize", "capture", "prepare", "calibrate", "reconstruct", "convert", "export", "export_onnx",

@@ -1,4 +1,4 @@
-"""Command line: ``eptq-fx demo`` and ``eptq-fx quantize``."""
+"""Command line: ``eptq-fx quantize`` (the demo lives in ``examples/demo.py``, run by ``make demo``)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CalibrationDataError, ConfigError, EPTQError, ModelError
+from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -86,32 +86,10 @@ def load_calibration(path: str, key: str | None = None):
 
 
 # ------------------------------------------------------------------------------------------ commands
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import default_methods, format_table, run_demo
-
-    model = args.model or ("resnet20" if args.data else "digits")
-    # digits tensors are tiny: a second OpenMP thread only adds synchronisation, which costs a lot on a busy
-    # machine (training measured 8 s with 1 thread vs 220 s with 2 on a loaded 2-core box)
-    threads = args.threads or (1 if model == "digits" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    methods = _csv(args.method) if args.method else default_methods()
-    bits = _csv(args.bits)
-    where = f"CIFAR-10 (JPEG copy) from {args.data}" if args.data else "scikit-learn digits"
-    print(f"eptq-fx demo: {model} on {where}; methods {', '.join(methods)}; bits {', '.join(bits)}", flush=True)
-    rows = run_demo(model=model, data_dir=args.data, bits=bits, methods=methods, n_calib=args.n_calib,
-                    seed=args.seed, cache_dir=args.cache_dir, progress=args.progress, iters=args.iters,
-                    on_result=lambda r: print(f"  done: {r.method} {r.bits} in {r.seconds:.1f} s", flush=True))
-    print()
-    print(format_table(rows))
-    return 0
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import quantize
-    from .config import EPTQConfig
-    from .demo import parse_bits
-    from .export import export, export_onnx
+    from eptq_fx.config import EPTQConfig, parse_bits
+    from eptq_fx.export import export, export_onnx
+    from eptq_fx.pipeline import quantize
 
     w_bits, a_bits = parse_bits(args.bits)
     config = EPTQConfig(weight_bits=w_bits, act_bits=a_bits, method=args.method, n_calib=args.n_calib,
@@ -135,8 +113,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _first_samples(calib, gm) -> tuple:
-    from .calibrate import input_names
-    from .data import materialize
+    from eptq_fx.data import materialize
+    from eptq_fx.numerics.calibration import input_names
 
     first = materialize(calib, input_names(gm), max_samples=8)
     return first.take(torch.arange(first.n))
@@ -157,24 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eptq-fx", description="EPTQ post-training quantization (torch.fx).")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info logs, -vv: debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="quantize a small model and compare accuracy with float")
-    demo.add_argument("--data", default=None, help="shared data folder (cifar10/, weights/); default: built-in "
-                                                    "digits demo")
-    demo.add_argument("--model", default=None, choices=("digits", "resnet20", "resnet56"),
-                      help="default: digits, or resnet20 with --data")
-    demo.add_argument("--bits", default="W8A8,W4A8", help="comma-separated, e.g. W8A8,W4A8,W4A4")
-    demo.add_argument("--method", default=None, help="comma-separated rtn,eptq (default: rtn, plus eptq when "
-                                                     "available)")
-    demo.add_argument("--n-calib", type=int, default=1024, help="calibration samples (default 1024)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--cache-dir", default=".cache", help="where the trained digits CNN is cached")
-    demo.add_argument("--iters", type=int, default=None, help="EPTQ optimisation steps per block (default: "
-                                                               "the library's, 1000)")
-    demo.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 for digits, "
-                                                                  "torch's default otherwise)")
-    demo.add_argument("--progress", action="store_true", help="show progress bars")
-    demo.set_defaults(func=cmd_demo)
 
     q = sub.add_parser("quantize", help="quantize your model and save it (torch.export .pt2 or .onnx)")
     q.add_argument("--model-module", default=None, help="pkg.mod:factory building the model")

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from .errors import ConfigError
+from eptq_fx.errors import ConfigError
 
 ActScheme = Literal["asymmetric", "symmetric", "unsigned"]
 RangeMethod = Literal["minmax", "mse", "hmse"]
@@ -223,3 +223,11 @@ def check_override_names(config: EPTQConfig, known_names: list[str]) -> None:
             hint = f" Close matches: {', '.join(close)}." if close else \
                 f" Quantizable layers: {', '.join(known_names[:5])}{', ...' if len(known_names) > 5 else ''}."
             raise ConfigError(f"Override name {o.name!r} matches no quantizable layer.{hint}")
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``"W4A8"`` → ``(4, 8)``."""
+    m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", text.strip())
+    if not m:
+        raise ConfigError(f"Bit widths look like W4A8 (weights 4 bits, activations 8), got {text!r}.")
+    return int(m.group(1)), int(m.group(2))

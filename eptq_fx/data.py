@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CalibrationDataError
+from eptq_fx.errors import CalibrationDataError
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 import torch.ao.quantization.fx._decomposed
 from torch import fx
 
-from .errors import ModelError
+from eptq_fx.errors import ModelError
 
 logger = logging.getLogger(__name__)
 

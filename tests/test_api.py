@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import eptq_fx
 from eptq_fx import EPTQConfig, calibrate, capture, convert, prepare
-from tests.models import example_input, make_model
+from examples.models import example_input, make_model
 
 W8A8 = EPTQConfig(method="rtn", weight_bits=8, act_bits=8)
 W4A8 = EPTQConfig(method="rtn", weight_bits=4, act_bits=8)

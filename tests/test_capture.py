@@ -9,7 +9,7 @@ from torch import fx, nn
 
 import eptq_fx
 from eptq_fx import EPTQConfig, TraceError, capture
-from tests.models import example_input, make_model
+from examples.models import example_input, make_model
 
 RTN = EPTQConfig(method="rtn")
 

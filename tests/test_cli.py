@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from eptq_fx import ConfigError, demo
+from eptq_fx import ConfigError
 from eptq_fx.cli import load_calibration, load_model, main
-from eptq_fx.demo import DemoResult, accuracy, digits_model, digits_split, format_table, parse_bits, run_demo
 from eptq_fx.export import load
-from tests.models import CifarResNet, load_cifar_resnet, make_model
+from examples import demo
+from examples.demo import DemoResult, accuracy, digits_model, digits_split, format_table, parse_bits, run_demo
+from examples.models import make_model
 
 
 def tiny_model() -> nn.Module:
@@ -99,21 +100,8 @@ def test_digits_demo_trains_caches_and_quantizes(tmp_path, monkeypatch):
     assert accuracy(model, split.x_test, split.y_test) == pytest.approx(w8.float_acc)
 
 
-def test_package_cifar_resnet_loads_the_checkpoint_like_the_test_zoo(shared_data):
-    from eptq_fx.zoo_cifar import load_cifar_resnet as package_loader
-
-    path = shared_data / "weights" / "resnet20-12fca82f.th"
-    if not path.is_file():
-        pytest.skip("ResNet-20 checkpoint not found")
-    ours, reference = package_loader(path, 20), load_cifar_resnet(20, path)
-    assert isinstance(reference, CifarResNet)
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), reference(x))
-
-
 def test_cifar_demo_data_and_float_accuracy(shared_data):
-    from eptq_fx.demo import cifar_model, cifar_split
+    from examples.demo import cifar_model, cifar_split
 
     if not (shared_data / "cifar10" / "test.npz").is_file():
         pytest.skip("CIFAR-10 copy not found")
@@ -126,7 +114,7 @@ def test_cifar_demo_data_and_float_accuracy(shared_data):
 
 @pytest.mark.slow
 def test_digits_demo_with_eptq_is_no_worse_than_rtn(tmp_path):
-    pytest.importorskip("eptq_fx.reconstruct")
+    pytest.importorskip("eptq_fx.method.reconstruction")
     rtn, eptq = run_demo(bits=["W4A4"], methods=["rtn", "eptq"], n_calib=512, cache_dir=tmp_path, iters=200)
     assert eptq.quant_acc >= rtn.quant_acc - 0.005
 

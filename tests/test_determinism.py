@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import eptq_fx
-from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig, kernels
-from eptq_fx.quantizers import MAX_OBSERVED
+from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
+from eptq_fx.numerics import kernels
+from eptq_fx.numerics.quantizers import MAX_OBSERVED
 from tests.helpers_resume import integer_state
 
 # weight_range="hmse" draws a weight-Hessian subset (weight_samples < n_calib); qdrop > 0 draws masks

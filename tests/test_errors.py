@@ -32,7 +32,7 @@ from eptq_fx import (
     ReconstructionConfig,
     TraceError,
 )
-from tests.models import make_model
+from examples.models import make_model
 
 RTN = EPTQConfig(weight_bits=8, act_bits=8, method="rtn", n_calib=32)
 TINY = EPTQConfig(weight_bits=4, act_bits=4, n_calib=32,
@@ -167,7 +167,7 @@ def test_empty_calibration_data(calib):
 
 def test_fewer_samples_than_n_calib_warn_and_use_all_of_them(caplog):
     """n_calib is a maximum: 5 samples with n_calib=32 is a warning, and the run (EPTQ included) completes."""
-    with caplog.at_level(logging.WARNING, logger="eptq_fx.api"):
+    with caplog.at_level(logging.WARNING, logger="eptq_fx.pipeline"):
         gm = quantize(mlp(), data(5), TINY)
     assert "has 5 samples, fewer than config.n_calib=32: using all 5" in caplog.text
     assert has_qdq(gm)
@@ -339,7 +339,7 @@ def test_training_mode_is_quantized_as_eval_copy_with_a_warning(where, caplog):
     model = conv_bn_dropout()
     (model if where == "model" else model.bn).train()
     stats = (model.bn.running_mean.clone(), model.bn.num_batches_tracked.clone())
-    with caplog.at_level(logging.WARNING, logger="eptq_fx.capture"):
+    with caplog.at_level(logging.WARNING, logger="eptq_fx.graph.tracing"):
         gm = quantize(model, IMAGES)
     expected = "the model is in training mode" if where == "model" else "module(s) bn are in training mode"
     assert expected in caplog.text and "your model is left as it was" in caplog.text

@@ -10,7 +10,7 @@ import torch
 import eptq_fx
 from eptq_fx import EPTQConfig
 from eptq_fx.export import export, export_onnx, load
-from tests.models import example_input, make_model
+from examples.models import example_input, make_model
 
 qd = torch.ops.quantized_decomposed
 CONFIG = EPTQConfig(method="rtn", weight_bits=4, act_bits=8, act_range="minmax")

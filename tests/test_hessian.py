@@ -16,8 +16,8 @@ from torch.utils._pytree import tree_flatten
 from eptq_fx.config import HessianConfig
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import HessianError
-from eptq_fx.hessian import label_free_hessian
-from eptq_fx.weight_hessian import weight_hessian
+from eptq_fx.method.activation_hessian import label_free_hessian
+from eptq_fx.method.weight_hessian import weight_hessian
 
 NO_CACHE = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=16)
 
@@ -365,7 +365,7 @@ def test_output_that_ignores_the_compare_points_raises(caplog):
     with pytest.raises(HessianError, match="Every Hessian score is zero"):
         label_free_hessian(_traced(FloorHead()), ["fc1"], CalibSet((torch.randn(6, 8),)), NO_CACHE,
                            progress=False)
-    with caplog.at_level(logging.WARNING, logger="eptq_fx.hessian"):
+    with caplog.at_level(logging.WARNING, logger="eptq_fx.method.activation_hessian"):
         result = label_free_hessian(gm, ["fc1", "side"], calib, NO_CACHE, progress=False)
     assert (result.scores[:, 1] == 0).all() and (result.scores[:, 0] > 0).all()
     assert "side" in caplog.text
@@ -402,7 +402,7 @@ def test_seed_determinism_and_cache_hit(tmp_path, caplog):
     config = HessianConfig(exact_small_outputs=False, cache_dir=str(tmp_path / "cache"), max_probes=20)
     first = label_free_hessian(gm, ["fc1", "fc2"], calib, config, seed=3, per_channel=True, progress=False)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
-    with caplog.at_level(logging.INFO, logger="eptq_fx.hessian"):
+    with caplog.at_level(logging.INFO, logger="eptq_fx.method.activation_hessian"):
         second = label_free_hessian(gm, ["fc1", "fc2"], calib, config, seed=3, per_channel=True,
                                     progress=False)
     assert "cache hit" in caplog.text
@@ -421,7 +421,7 @@ def test_seed_determinism_and_cache_hit(tmp_path, caplog):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
     wh_first = weight_hessian(gm, ["fc1", "fc2"], calib, config, seed=3, progress=False)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="eptq_fx.hessian"):
+    with caplog.at_level(logging.INFO, logger="eptq_fx.method.activation_hessian"):
         wh_second = weight_hessian(gm, ["fc1", "fc2"], calib, config, seed=3, progress=False)
     assert "cache hit" in caplog.text
     assert all(torch.equal(wh_first[n], wh_second[n]) for n in ["fc1", "fc2"])
@@ -501,7 +501,7 @@ def test_weight_hessian_conv_kinds_and_batched_fallback(caplog):
     x = torch.randn(24, 2, 8, 8, generator=torch.Generator().manual_seed(9))
     names = ["stem", "grouped", "shared", "same", "line", "head"]
     config = HessianConfig(exact_small_outputs=False, cache_dir=None, batch_size=4, weight_samples=24, weight_probes=64)
-    with caplog.at_level(logging.INFO, logger="eptq_fx.weight_hessian"):
+    with caplog.at_level(logging.INFO, logger="eptq_fx.method.weight_hessian"):
         result = weight_hessian(gm, names, CalibSet((x,)), config, progress=False)
     assert "['same']" in caplog.text  # the one module without a per-sample rule, and said so
     for name in names:

@@ -18,11 +18,11 @@ from torch import fx, nn
 
 import eptq_fx
 from eptq_fx import EPTQConfig
-from eptq_fx.calibrate import quant_disabled
-from eptq_fx.meta import BLOCKS
-from eptq_fx.passes.fold_bn import fold_batchnorm
-from eptq_fx.passes.insert_qdq import compare_points
-from eptq_fx.passes.schedule import block_subgraph, schedule_blocks
+from eptq_fx.graph.meta import BLOCKS
+from eptq_fx.graph.passes.block_schedule import block_subgraph, schedule_blocks
+from eptq_fx.graph.passes.bn_folding import fold_batchnorm
+from eptq_fx.graph.passes.qdq_insertion import compare_points
+from eptq_fx.numerics.calibration import quant_disabled
 
 PROPERTY_SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])

@@ -8,9 +8,9 @@ import torch
 
 import eptq_fx
 from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
-from eptq_fx.quantizers import WeightQuantizer, rectified_sigmoid
-from eptq_fx.reconstruct import BlockParts, _Trainer
-from tests.models import example_input, make_model
+from eptq_fx.method.reconstruction import BlockParts, _Trainer
+from eptq_fx.numerics.quantizers import WeightQuantizer, rectified_sigmoid
+from examples.models import example_input, make_model
 
 
 def _quantizer(w: torch.Tensor, bits: int = 4) -> WeightQuantizer:
@@ -103,8 +103,8 @@ def test_uniform_weighting_and_hmse_run_and_change_the_result():
 
 
 def test_channel_profile_weights_each_channel_by_its_share_of_the_sample_trace():
-    from eptq_fx.hessian import HessianScores
-    from eptq_fx.reconstruct import _channel_profiles, _distance
+    from eptq_fx.method.activation_hessian import HessianScores
+    from eptq_fx.method.reconstruction import _channel_profiles, _distance
 
     # two samples, three channels; each sample's row is normalised to mean 1 over its channels
     per_channel = {"conv": torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])}
@@ -123,7 +123,7 @@ def test_channel_profile_weights_each_channel_by_its_share_of_the_sample_trace()
 
 
 def test_layer_weights_are_trace_per_element_normalised_by_the_block_maximum():
-    from eptq_fx.reconstruct import _layer_weights
+    from eptq_fx.method.reconstruction import _layer_weights
 
     # columns: three compare points of the graph; the block holds the 3rd and 1st (in that order)
     scores = torch.tensor([[4.0, 9.0, 8.0], [12.0, 9.0, 24.0]])

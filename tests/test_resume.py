@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import eptq_fx
-import eptq_fx.api
+import eptq_fx.pipeline
 from eptq_fx import CheckpointError
 from tests import helpers_resume as H
 
@@ -106,7 +106,7 @@ def test_sigkill_then_resume_is_bit_identical(hold, finished, torn, killed_runs,
     tmp_files = sorted(p.name for p in run_dir.glob("*.tmp"))
     assert tmp_files == ([f"block_{len(finished)}.pt.tmp"] if torn else [])
 
-    with caplog.at_level(logging.INFO, logger="eptq_fx.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="eptq_fx.method.checkpoint"):
         resumed = H.run(str(run_dir))
     restored = sorted(int(m) for m in re.findall(r"block (\d+) restored", caplog.text))
     assert restored == finished  # the finished blocks were loaded, not retrained
@@ -117,7 +117,7 @@ def test_sigkill_then_resume_is_bit_identical(hold, finished, torn, killed_runs,
 
 def test_resume_of_a_finished_run_restores_every_block(reference, caplog):
     state, run_dir = reference
-    with caplog.at_level(logging.INFO, logger="eptq_fx.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="eptq_fx.method.checkpoint"):
         again = H.run(str(run_dir))
     assert len(re.findall(r"block \d+ restored", caplog.text)) == N_BLOCKS
     assert_same_integer_state(H.integer_state(again), state)
@@ -177,7 +177,7 @@ def test_cli_resume_flag_reaches_the_checkpoints(tmp_path, monkeypatch, capsys):
     """``eptq-fx quantize --resume DIR`` writes per-block checkpoints to DIR and refuses a mismatching rerun.
     The CLI has no flags for the Hessian / reconstruction budgets, so the test shrinks them on the way in."""
     cli = pytest.importorskip("eptq_fx.cli")
-    real_quantize = eptq_fx.api.quantize
+    real_quantize = eptq_fx.pipeline.quantize
     seen: list = []
 
     def small_quantize(model, calib, config, *args, **kwargs):
@@ -185,7 +185,7 @@ def test_cli_resume_flag_reaches_the_checkpoints(tmp_path, monkeypatch, capsys):
         config = dataclasses.replace(config, hessian=H.CONFIG.hessian, reconstruction=H.CONFIG.reconstruction)
         return real_quantize(model, calib, config, *args, **kwargs)
 
-    monkeypatch.setattr(eptq_fx.api, "quantize", small_quantize)
+    monkeypatch.setattr(eptq_fx.pipeline, "quantize", small_quantize)
     monkeypatch.chdir(REPO)
     calib = tmp_path / "calib.pt"
     torch.save(H.calibration_data(), calib)

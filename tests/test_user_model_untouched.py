@@ -91,7 +91,7 @@ def failing_source():
 
 
 def run_export(model: nn.Module) -> object:
-    return eptq_fx.export(eptq_fx.quantize(model, IMAGES, RTN, progress=False), (IMAGES[:2],))
+    return eptq_fx.export.export(eptq_fx.quantize(model, IMAGES, RTN, progress=False), (IMAGES[:2],))
 
 
 ENTRY_POINTS = {

@@ -120,7 +120,7 @@ def test_only_the_comparison_section_is_replaced():
 @needs_mct
 def test_mct_eight_bit_anchors_and_activation_choice_tpc():
     from benchmarks.peers._mct import activation_choice_tpc, eight_bit_anchors, import_mct
-    from tests.models import resnet20
+    from examples.models import resnet20
 
     anchors = eight_bit_anchors(resnet20())
     assert anchors["first"] == "conv1" and anchors["last"] == "linear" and anchors["inputs"] == ["x"]

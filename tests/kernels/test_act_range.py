@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eptq_fx.errors import KernelInputError
-from eptq_fx.kernels import act_range_for, minmax_act_range, search_act_range, search_act_range_hist
-from eptq_fx.kernels.reference import (
+from eptq_fx.numerics.kernels import act_range_for, minmax_act_range, search_act_range, search_act_range_hist
+from eptq_fx.numerics.kernels.reference import (
     act_error_ref,
     minmax_act_range_ref,
     search_act_range_hist_ref,

@@ -4,8 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eptq_fx.errors import KernelInputError
-from eptq_fx.kernels import fake_quant_per_channel, fake_quant_per_tensor, quantize_per_channel, signed_range
-from eptq_fx.kernels.reference import (
+from eptq_fx.numerics.kernels import fake_quant_per_channel, fake_quant_per_tensor, quantize_per_channel, signed_range
+from eptq_fx.numerics.kernels.reference import (
     fake_quant_per_channel_ref,
     fake_quant_per_tensor_ref,
     quantize_per_channel_ref,

@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eptq_fx.errors import KernelInputError
-from eptq_fx.kernels import act_range_for, search_act_range
-from eptq_fx.kernels.act_range import _candidates, candidate_errors
-from eptq_fx.kernels.reference import act_error_ref, search_act_range_ref
-from eptq_fx.kernels.sorted_error import sorted_pays_off
+from eptq_fx.numerics.kernels import act_range_for, search_act_range
+from eptq_fx.numerics.kernels.act_range import _candidates, candidate_errors
+from eptq_fx.numerics.kernels.reference import act_error_ref, search_act_range_ref
+from eptq_fx.numerics.kernels.sorted_error import sorted_pays_off
 
 from .strategies import vectors
 

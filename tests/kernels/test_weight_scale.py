@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eptq_fx.errors import KernelInputError
-from eptq_fx.kernels import MIN_SCALE, minmax_weight_scale, search_weight_scale
-from eptq_fx.kernels.reference import minmax_weight_scale_ref, search_weight_scale_ref, weight_error_ref
-from eptq_fx.kernels.sorted_error import sorted_pays_off
+from eptq_fx.numerics.kernels import MIN_SCALE, minmax_weight_scale, search_weight_scale
+from eptq_fx.numerics.kernels.reference import minmax_weight_scale_ref, search_weight_scale_ref, weight_error_ref
+from eptq_fx.numerics.kernels.sorted_error import sorted_pays_off
 
 from .strategies import assert_errors_match, matrices
 

@@ -8,9 +8,9 @@ import torch
 from torch import fx, nn
 
 from eptq_fx import ConfigError, EPTQConfig, Override, prepare
-from eptq_fx.meta import LAYER_QUANT
-from eptq_fx.quantizers import ActQuantizer, QuantWeightOp
-from tests.models import example_input, make_model
+from eptq_fx.graph.meta import LAYER_QUANT
+from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
+from examples.models import example_input, make_model
 
 W4A4 = EPTQConfig(method="rtn", weight_bits=4, act_bits=4)
 MATMULS = (torch.matmul, torch.bmm, operator.matmul)

@@ -7,8 +7,8 @@ from torch import fx
 
 import eptq_fx
 from eptq_fx import EPTQConfig, convert
-from eptq_fx.quantizers import ActQuantizer, QuantWeightOp
-from tests.models import example_input, make_model
+from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
+from examples.models import example_input, make_model
 
 qd = torch.ops.quantized_decomposed
 # convert does not care how ranges were chosen: min/max keeps these tests fast (the MSE search is tested elsewhere)

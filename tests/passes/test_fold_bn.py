@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from eptq_fx.meta import FOLDED_BN
-from eptq_fx.passes.fold_bn import fold_batchnorm, folded_pairs
+from eptq_fx.graph.meta import FOLDED_BN
+from eptq_fx.graph.passes.bn_folding import fold_batchnorm, folded_pairs
 
-LOGGER = "eptq_fx.passes.fold_bn"
+LOGGER = "eptq_fx.graph.passes.bn_folding"
 
 
 def _randomize_bn_(bn: nn.modules.batchnorm._BatchNorm, seed: int = 0) -> None:

@@ -9,10 +9,10 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 from eptq_fx.errors import ConfigError
-from eptq_fx.meta import BLOCK
-from eptq_fx.passes import schedule
-from eptq_fx.passes.schedule import BLOCKS, Block, block_subgraph, default_is_quant_op, schedule_blocks
-from tests.models import data_dir, example_input, load_cifar_resnet, make_model
+from eptq_fx.graph.meta import BLOCK
+from eptq_fx.graph.passes import block_schedule as schedule
+from eptq_fx.graph.passes.block_schedule import BLOCKS, Block, block_subgraph, default_is_quant_op, schedule_blocks
+from examples.models import data_dir, example_input, load_cifar_resnet, make_model
 
 ZOO = ["resnet20", "convmixer_tiny", "tiny_resnet", "mobilenetv2_tiny", "tiny_vit", "tiny_mixer", "small_cnn",
        "tuple_output", "dict_output"]

@@ -16,10 +16,10 @@ import torch
 import torch.fx
 from torch.func import functional_call
 
-from .config import HessianConfig
-from .data import CalibSet
-from .errors import HessianError
-from .hessian import (
+from eptq_fx.config import HessianConfig
+from eptq_fx.data import CalibSet
+from eptq_fx.errors import HessianError
+from eptq_fx.method.activation_hessian import (
     _cache_key,
     _cache_load,
     _cache_store,

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from .config import EPTQConfig
-from .data import CalibSet
-from .errors import CheckpointError
-from .passes.insert_qdq import act_quantizers
+from eptq_fx.config import EPTQConfig
+from eptq_fx.data import CalibSet
+from eptq_fx.errors import CheckpointError
+from eptq_fx.graph.passes.qdq_insertion import act_quantizers
 
 logger = logging.getLogger(__name__)
 

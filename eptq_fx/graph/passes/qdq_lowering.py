@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quantizers import ActQuantizer, QuantWeightOp
+from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
 
 logger = logging.getLogger(__name__)
 qd = torch.ops.quantized_decomposed

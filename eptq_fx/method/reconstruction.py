@@ -19,16 +19,16 @@ import torch.fx as fx
 from torch.utils._pytree import tree_map
 from tqdm.auto import tqdm
 
-from .calibrate import init_weight_scales_, input_names, quant_disabled
-from .checkpoint import RunCheckpoint
-from .config import EPTQConfig, ReconstructionConfig
-from .data import CalibSet
-from .hessian import HessianScores, label_free_hessian
-from .meta import BLOCKS
-from .passes.insert_qdq import compare_points, weight_ops
-from .passes.schedule import Block, block_subgraph, schedule_blocks
-from .quantizers import ActQuantizer, QuantWeightOp
-from .weight_hessian import weight_hessian
+from eptq_fx.config import EPTQConfig, ReconstructionConfig
+from eptq_fx.data import CalibSet
+from eptq_fx.graph.meta import BLOCKS
+from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
+from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
+from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
+from eptq_fx.method.checkpoint import RunCheckpoint
+from eptq_fx.method.weight_hessian import weight_hessian
+from eptq_fx.numerics.calibration import init_weight_scales_, input_names, quant_disabled
+from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
 
 logger = logging.getLogger(__name__)
 

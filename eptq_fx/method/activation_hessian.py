@@ -27,9 +27,9 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 from tqdm.auto import tqdm
 
-from .config import HessianConfig
-from .data import CalibSet
-from .errors import HessianError
+from eptq_fx.config import HessianConfig
+from eptq_fx.data import CalibSet
+from eptq_fx.errors import HessianError
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from eptq_fx.meta import FOLDED_BN
+from eptq_fx.graph.meta import FOLDED_BN
 
 logger = logging.getLogger(__name__)
 

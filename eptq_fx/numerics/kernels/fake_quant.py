@@ -1,6 +1,6 @@
 """Fake quantization (quantize + dequantize) and integer codes, per channel and per tensor.
 
-Semantics, identical in the numpy twins of :mod:`eptq_fx.kernels.reference`:
+Semantics, identical in the numpy twins of :mod:`eptq_fx.numerics.kernels.reference`:
 ``q = clip(rint(w / scale) + zero_point, qmin, qmax)`` and ``dequant = (q - zero_point) * scale``, with the
 division done in float64 and ``rint`` rounding half to even. The float64 product ``q * scale`` is exact
 (q has at most 17 significant bits, a float32 scale 24), so the float32 result equals the correctly rounded
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..errors import KernelInputError
-from .common import as_float_array, check_int, check_positive_finite, check_qrange, check_scales
+from eptq_fx.errors import KernelInputError
+from eptq_fx.numerics.kernels.common import as_float_array, check_int, check_positive_finite, check_qrange, check_scales
 
 
 @njit(parallel=True, cache=True)

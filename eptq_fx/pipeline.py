@@ -11,15 +11,15 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .calibrate import CONFIG_KEY, calibrate, init_weight_scales_, input_names
-from .capture import capture, unwrap
-from .config import EPTQConfig
-from .data import materialize
-from .errors import CalibrationDataError, ConfigError, ModelError
-from .passes.annotate import annotate, modularize_functional_ops
-from .passes.convert import convert
-from .passes.fold_bn import fold_batchnorm
-from .passes.insert_qdq import compare_points, insert_qdq, weight_ops
+from eptq_fx.config import EPTQConfig
+from eptq_fx.data import materialize
+from eptq_fx.errors import CalibrationDataError, ConfigError, ModelError
+from eptq_fx.graph.passes.annotation import annotate, modularize_functional_ops
+from eptq_fx.graph.passes.bn_folding import fold_batchnorm
+from eptq_fx.graph.passes.qdq_insertion import compare_points, insert_qdq, weight_ops
+from eptq_fx.graph.passes.qdq_lowering import convert
+from eptq_fx.graph.tracing import capture, unwrap
+from eptq_fx.numerics.calibration import CONFIG_KEY, calibrate, init_weight_scales_, input_names
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
                        calib.n, config.n_calib, calib.n)
     calibrate(prepared, calib, config=config, progress=progress)
     if config.method == "eptq":
-        from .reconstruct import reconstruct
+        from eptq_fx.method.reconstruction import reconstruct
         reconstruct(prepared, calib, config, resume_dir=resume_dir, progress=progress)
     logger.info("quantized (%s, W%dA%d) in %.1f s", config.method, config.weight_bits, config.act_bits,
                 time.perf_counter() - t0)
@@ -119,7 +119,7 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
 def reconstruct(prepared: fx.GraphModule, calib_data, config: EPTQConfig | None = None,
                 resume_dir: str | None = None, progress: bool = True) -> fx.GraphModule:
     """The EPTQ stage of the staged API: run after ``calibrate`` and before ``convert`` (in place)."""
-    from .reconstruct import reconstruct as run_reconstruction
+    from eptq_fx.method.reconstruction import reconstruct as run_reconstruction
 
     config = config or prepared.meta.get(CONFIG_KEY) or EPTQConfig()
     calib = materialize(calib_data, input_names(prepared), max_samples=config.n_calib)

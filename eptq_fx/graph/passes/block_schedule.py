@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import ConfigError
-from ..meta import BLOCK, BLOCKS, COMPARE_POINT
+from eptq_fx.errors import ConfigError
+from eptq_fx.graph.meta import BLOCK, BLOCKS, COMPARE_POINT
 
 logger = logging.getLogger(__name__)
 

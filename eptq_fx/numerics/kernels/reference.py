@@ -2,7 +2,7 @@
 
 They skip input validation (the kernels' wrappers own it) and favour obviousness over speed: whole-array
 numpy expressions, one grid point (or one chunk of candidates) at a time. Grid, scale and tie rules are those
-documented in :mod:`eptq_fx.kernels.weight_scale` and :mod:`eptq_fx.kernels.act_range`.
+documented in :mod:`eptq_fx.numerics.kernels.weight_scale` and :mod:`eptq_fx.numerics.kernels.act_range`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from ..errors import KernelInputError
+from eptq_fx.errors import KernelInputError
 
 MIN_BITS, MAX_BITS = 2, 16
 # The smallest scale any search returns: the smallest *normal* float32. Channels whose values are so tiny that

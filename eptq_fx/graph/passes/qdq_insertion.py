@@ -9,8 +9,8 @@ import logging
 import torch.fx as fx
 import torch.nn as nn
 
-from ..meta import ACT_QUANT, COMPARE_POINT, INSERTED, LAYER_QUANT
-from ..quantizers import ActQuantizer, QuantWeightOp
+from eptq_fx.graph.meta import ACT_QUANT, COMPARE_POINT, INSERTED, LAYER_QUANT
+from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
 
 logger = logging.getLogger(__name__)
 

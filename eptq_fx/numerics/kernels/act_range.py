@@ -22,7 +22,7 @@ descending, then ``r_l`` descending) and a later one must be strictly better, so
 A range that is all zero gives ``(1.0, 0)`` for every scheme.
 
 Cost: for ``norm == 2`` and many values the errors come from sorted values and prefix sums
-(:mod:`~eptq_fx.kernels.sorted_error`, O(levels log N) per candidate after one sort); otherwise each candidate
+(:mod:`~eptq_fx.numerics.kernels.sorted_error`, O(levels log N) per candidate after one sort); otherwise each candidate
 is one pass over the values, so the asymmetric ``n_grid**2`` grid costs ``n_grid**2 * N`` element evaluations.
 """
 
@@ -31,8 +31,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..errors import KernelInputError
-from .common import (
+from eptq_fx.errors import KernelInputError
+from eptq_fx.numerics.kernels.common import (
     MIN_SCALE,
     ZERO_RANGE_SCALE,
     act_range_for,
@@ -42,8 +42,8 @@ from .common import (
     check_positive_finite,
     check_scheme,
 )
-from .sorted_error import prefix_moments, sorted_candidate_errors, sorted_pays_off
-from .weight_scale import _ceil_log2, _floor_log2
+from eptq_fx.numerics.kernels.sorted_error import prefix_moments, sorted_candidate_errors, sorted_pays_off
+from eptq_fx.numerics.kernels.weight_scale import _ceil_log2, _floor_log2
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _BLOCK = 4096  # values per block: a block stays in L1/L2 while every candidate of a chunk sweeps it

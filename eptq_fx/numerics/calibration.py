@@ -10,12 +10,12 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from . import kernels
-from .config import EPTQConfig
-from .data import CalibSet, materialize
-from .errors import CalibrationDataError
-from .passes.insert_qdq import act_quantizers, weight_ops
-from .quantizers import weight_as_rows
+from eptq_fx.config import EPTQConfig
+from eptq_fx.data import CalibSet, materialize
+from eptq_fx.errors import CalibrationDataError
+from eptq_fx.graph.passes.qdq_insertion import act_quantizers, weight_ops
+from eptq_fx.numerics import kernels
+from eptq_fx.numerics.quantizers import weight_as_rows
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .meta import ActQuant
+from eptq_fx.graph.meta import ActQuant
+from eptq_fx.numerics import kernels
 
 WEIGHT_OPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
               nn.ConvTranspose3d)

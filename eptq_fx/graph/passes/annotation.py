@@ -15,9 +15,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import KEEP, EPTQConfig, check_override_names
-from ..meta import ACT_QUANT, LAYER_QUANT, ActQuant, LayerQuant
-from ..quantizers import WEIGHT_OPS, QuantWeightOp
+from eptq_fx.config import KEEP, EPTQConfig, check_override_names
+from eptq_fx.graph.meta import ACT_QUANT, LAYER_QUANT, ActQuant, LayerQuant
+from eptq_fx.numerics.quantizers import WEIGHT_OPS, QuantWeightOp
 
 logger = logging.getLogger(__name__)
 

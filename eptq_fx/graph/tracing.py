@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx._symbolic_trace import _assert_is_none
 
-from .errors import ModelError, TraceError
+from eptq_fx.errors import ModelError, TraceError
 
 logger = logging.getLogger(__name__)
 

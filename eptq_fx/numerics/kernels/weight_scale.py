@@ -16,7 +16,7 @@ Per row ``c`` of ``w`` (C, K) with ``m = max|w_c|``:
 * an all-zero row gets scale 1.0 (any non-zero scale quantizes it exactly).
 
 Evaluation: for ``norm == 2`` and rows long enough for it to pay off, each row is sorted once and every
-candidate's error comes from prefix sums (:mod:`~eptq_fx.kernels.sorted_error`, O(levels log K) instead of
+candidate's error comes from prefix sums (:mod:`~eptq_fx.numerics.kernels.sorted_error`, O(levels log K) instead of
 O(K), equal to the direct sum within ~1e-10 relative); otherwise each candidate is one fused pass over the
 row.
 Rows are independent, so ``prange`` over rows is deterministic.
@@ -29,8 +29,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ..errors import KernelInputError
-from .common import (
+from eptq_fx.errors import KernelInputError
+from eptq_fx.numerics.kernels.common import (
     MIN_SCALE,
     ZERO_RANGE_SCALE,
     as_float_array,
@@ -38,7 +38,7 @@ from .common import (
     check_positive_finite,
     signed_range,
 )
-from .sorted_error import prefix_moments, sorted_pays_off, sorted_squared_error
+from eptq_fx.numerics.kernels.sorted_error import prefix_moments, sorted_pays_off, sorted_squared_error
 
 _F32_MAX = float(np.finfo(np.float32).max)
 

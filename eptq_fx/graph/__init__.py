@@ -1,0 +1,1 @@
+"""Graph-level code: capture (tracing), the op table, node.meta keys and the fx passes."""
