@@ -2,6 +2,7 @@
 which runs all of it. Shaped like PT2E's prepare/convert; every stage returns a GraphModule."""
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -9,16 +10,15 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import materialize
-from eptq_fx.errors import CalibrationDataError, ConfigError, ModelError
-from eptq_fx.graph.passes.annotation import annotate, modularize_functional_ops
-from eptq_fx.graph.passes.bn_folding import fold_batchnorm
-from eptq_fx.graph.passes.qdq_insertion import compare_points, insert_qdq, weight_ops
+from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError, ModelError, TraceError
+from eptq_fx.graph.meta import STATIC_BATCH
+from eptq_fx.graph.passes.infra import prepare_pass_manager
+from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.graph.passes.qdq_lowering import convert
-from eptq_fx.graph.tracing import capture, unwrap
+from eptq_fx.graph.tracing import capture, opaque_weight_calls, unwrap
 from eptq_fx.numerics.calibration import CONFIG_KEY, calibrate, init_weight_scales_, input_names
 
 logger = logging.getLogger(__name__)
@@ -59,41 +59,89 @@ def prepare(model: nn.Module, config: EPTQConfig = EPTQConfig(), example_inputs:
         raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
     gm = capture(model, example_inputs, **capture_kwargs)
     _check_weights_finite(gm)
-    fold_batchnorm(gm)
-    modularize_functional_ops(gm)
-    if example_inputs is not None:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)  # dtypes let annotate skip integer tensors
-    annotate(gm, config)
-    insert_qdq(gm, power_of_two=config.power_of_two, seed=config.seed)
+    try:
+        gm = prepare_pass_manager(config, example_inputs)(gm).graph_module
+    except Exception as e:  # PassManager wraps every failure in a bare Exception: give back our typed one
+        if isinstance(e.__cause__, EPTQError):
+            raise e.__cause__ from None
+        raise
     init_weight_scales_(gm, config)
     gm.meta[CONFIG_KEY] = config
     return gm
 
 
-def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), example_inputs: tuple | None = None,
-             *, leaf_modules: Sequence = (), concrete_args: dict | None = None,
-             resume_dir: str | None = None, progress: bool = True, return_prepared: bool = False) -> fx.GraphModule:
+def _signature_inputs(model: nn.Module) -> list[str]:
+    """Required forward arguments (used when symbolic_trace cannot tell us the graph's inputs)."""
+    params = inspect.signature(model.forward).parameters.values()
+    return [p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _capture_for_data(model, calib_data, config: EPTQConfig, example_inputs, capture_kwargs: dict):
+    """Capture ``model`` and materialise the data for it. torch.export needs real inputs, so an nn.Module
+    whose weights symbolic_trace cannot see (or that it cannot trace) is captured again from the data."""
+    method = capture_kwargs.pop("method", "auto")
+    first, trace_error = None, None
+    if method != "export" or not isinstance(model, nn.Module) or isinstance(model, fx.GraphModule):
+        try:
+            first = capture(model, None, method="symbolic_trace" if method == "auto" else method,
+                            **capture_kwargs)
+        except TraceError as e:
+            if method != "auto" or isinstance(model, fx.GraphModule):
+                raise
+            trace_error = e
+    names = input_names(first) if first is not None else _signature_inputs(unwrap(model))
+    calib = materialize(calib_data, names, max_samples=config.n_calib)
+    is_module = isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule)
+    if is_module and (first is None or (method == "auto" and not capture_kwargs.get("leaf_modules")
+                                             and opaque_weight_calls(first))):
+        probe = example_inputs or calib.take(torch.arange(min(4, calib.n)))
+        try:
+            return capture(model, probe, method="export" if first is None else "auto", **capture_kwargs), calib
+        except TraceError:
+            if trace_error is not None:
+                raise trace_error from None
+            raise
+    return first, calib
+
+
+def quantize(model, calib_data, config: EPTQConfig = EPTQConfig(), example_inputs: tuple | None = None,
+             *, leaf_modules: Sequence = (), concrete_args: dict | None = None, capture_method: str = "auto",
+             allow_float: bool = False, resume_dir: str | None = None, progress: bool = True,
+             return_prepared: bool = False) -> fx.GraphModule:
     """Quantize ``model`` with ``config`` and return a GraphModule with Q/DQ ops and integer weights.
 
+    ``model``: an nn.Module, a GraphModule (``capture``, symbolic_trace, ``torch._dynamo.export``,
+    ``ExportedProgram.module()``) or a ``torch.export.ExportedProgram``; an aten input gives an aten output.
     ``calib_data``: a tensor of inputs (samples on dim 0), an iterable of batches (tensors, tuples, dicts; a
-    DataLoader); labels after the model inputs in a tuple batch are ignored. ``model`` may also be a
-    GraphModule from ``capture`` (for models needing leaf modules). ``method="rtn"`` stops after calibration;
-    ``"eptq"`` runs Hessian-weighted reconstruction.
+    DataLoader); labels after the model inputs in a tuple batch are ignored. ``capture_method``: see
+    ``capture``. A model without any conv / linear / matmul raises ``ModelError`` unless ``allow_float``.
+    ``method="rtn"`` stops after calibration; ``"eptq"`` runs Hessian-weighted reconstruction.
     ``resume_dir`` keeps per-block checkpoints so an interrupted run continues where it stopped.
     """
     if not isinstance(config, EPTQConfig):
         raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
     t0 = time.perf_counter()
-    gm = capture(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    names = input_names(gm)
-    calib = materialize(calib_data, names, max_samples=config.n_calib)
-    device = _model_device(unwrap(model))
+    gm, calib = _capture_for_data(model, calib_data, config, example_inputs,
+                                  dict(leaf_modules=leaf_modules, concrete_args=concrete_args,
+                                       method=capture_method))
+    device = _model_device(gm)
     data_device = calib.tensors[0].device
     if device is not None and device != data_device:
         raise ModelError(f"The model is on {device} but the calibration data is on {data_device}; "
                          f"move one of them (e.g. model.to('{data_device}')).")
-    example = calib.take(torch.arange(min(2, calib.n)))
+    static = gm.meta.get(STATIC_BATCH)
+    if static is not None:
+        if calib.n < static:
+            raise CalibrationDataError(
+                f"The exported graph only runs at batch size {static} but there are {calib.n} calibration "
+                f"samples; give at least {static}, or export with a dynamic batch dimension "
+                f"(dynamic_shapes={{'x': {{0: torch.export.Dim.AUTO}}}}).")
+        if config.method == "eptq":
+            raise ConfigError(f"EPTQ runs blocks at batch sizes other than the exported graph's fixed {static}; "
+                              f"export with a dynamic batch dimension (dynamic_shapes={{'x': {{0: "
+                              f"torch.export.Dim.AUTO}}}}) or use method='rtn'.")
+    example = calib.take(torch.arange(static or min(2, calib.n)))
     try:
         with torch.no_grad():
             gm(*example)
@@ -102,6 +150,9 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
         raise _data_error(e, calib, float_dtype) from e
     prepared = prepare(gm, config, example_inputs=example)
     if not weight_ops(prepared) and not compare_points(prepared):
+        if not allow_float:
+            raise ModelError("The model has no quantizable layer (conv / linear / matmul) eptq_fx recognises; "
+                             "pass allow_float=True to get it back in float.")
         logger.warning("the model has no quantizable layer (conv / linear / matmul): returning it in float")
         return gm
     if calib.n < config.n_calib:  # n_calib is a maximum: run on what there is, but say so

@@ -140,10 +140,12 @@ def test_dict_input_model():
         torch.testing.assert_close(q_tuple(images, extra), out, rtol=0, atol=0)
 
 
-def test_model_without_quantizable_layers_comes_back_in_float(caplog):
+def test_model_without_quantizable_layers_is_an_error_unless_float_is_allowed(caplog):
     model = nn.Sequential(nn.ReLU(), nn.Flatten()).eval()
     x = torch.randn(8, 3, 4, 4)
-    q = eptq_fx.quantize(model, x, W8A8, progress=False)
+    with pytest.raises(eptq_fx.ModelError, match="allow_float=True"):
+        eptq_fx.quantize(model, x, W8A8, progress=False)
+    q = eptq_fx.quantize(model, x, W8A8, progress=False, allow_float=True)
     torch.testing.assert_close(q(x), model(x))
     assert "no quantizable layer" in caplog.text
 

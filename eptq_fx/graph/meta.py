@@ -20,6 +20,10 @@ BLOCK = "eptq_fx.block"
 BLOCKS = "eptq_fx.blocks"
 # On a conv/linear node that absorbed a BatchNorm: the BN's qualified name (for logs and tests).
 FOLDED_BN = "eptq_fx.folded_bn"
+# On the GraphModule: "aten" when captured from torch.export (convert then emits aten ops), else "torch".
+SOURCE_IR = "eptq_fx.source_ir"
+# On the GraphModule: the only batch size an exported graph runs at (absent: any batch size).
+STATIC_BATCH = "eptq_fx.static_batch"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import CalibSet, materialize
 from eptq_fx.errors import CalibrationDataError
+from eptq_fx.graph.meta import STATIC_BATCH
 from eptq_fx.graph.passes.qdq_insertion import act_quantizers, weight_ops
 from eptq_fx.numerics import kernels
 from eptq_fx.numerics.quantizers import weight_as_rows
@@ -133,9 +134,19 @@ def calibrate(prepared: fx.GraphModule, calib_data, forward_fn: Callable | None 
         else:
             calib = calib_data if isinstance(calib_data, CalibSet) else \
                 materialize(calib_data, input_names(prepared), max_samples=config.n_calib)
-            n_batches = -(-calib.n // config.calib_batch_size)
-            for _, args in tqdm(calib.batches(config.calib_batch_size), total=n_batches, desc="calibrate",
-                                disable=not progress, leave=False):
+            batch_size, n_used = config.calib_batch_size, calib.n
+            static = prepared.meta.get(STATIC_BATCH)
+            if static is not None:  # an export fixed the batch size: whole batches of exactly that size
+                if calib.n < static:
+                    raise CalibrationDataError(f"The exported graph only runs at batch size {static} but there "
+                                               f"are {calib.n} calibration samples; give at least {static}.")
+                batch_size, n_used = static, calib.n - calib.n % static
+                if n_used < calib.n:
+                    logger.info("calibrating on %d of %d samples: whole batches of the exported size %d",
+                                n_used, calib.n, static)
+            n_batches = -(-n_used // batch_size)
+            for _, args in tqdm(calib.batches(batch_size, torch.arange(n_used)), total=n_batches,
+                                desc="calibrate", disable=not progress, leave=False):
                 try:
                     prepared(*args)
                 except Exception as e:

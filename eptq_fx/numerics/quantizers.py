@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eptq_fx.graph import ops
 from eptq_fx.graph.meta import ActQuant
 from eptq_fx.numerics import kernels
 
-WEIGHT_OPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
-              nn.ConvTranspose3d)
+WEIGHT_OPS = ops.WEIGHT_MODULE_TYPES  # the op table's weight modules
 # Most values an observer keeps per quantizer for the MSE range search (a seeded random subset beyond that).
 MAX_OBSERVED = 1 << 18
 
@@ -42,7 +42,7 @@ def rectified_sigmoid(v: torch.Tensor, gamma: float, zeta: float) -> torch.Tenso
 
 def channel_axis(module: nn.Module) -> int:
     """Output-channel axis of the module's weight (ConvTranspose stores (in, out/groups, ...))."""
-    return 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+    return next(axis for base, axis in ops.WEIGHT_MODULES if isinstance(module, base))
 
 
 def weight_as_rows(w: torch.Tensor, axis: int) -> torch.Tensor:

@@ -8,45 +8,24 @@ a quantized input gets ``ACT_QUANT``: a dict ``{consumer node name: ActQuant}``,
 from __future__ import annotations
 
 import logging
-import operator
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from eptq_fx.config import KEEP, EPTQConfig, check_override_names
 from eptq_fx.graph.meta import ACT_QUANT, LAYER_QUANT, ActQuant, LayerQuant
-from eptq_fx.numerics.quantizers import WEIGHT_OPS, QuantWeightOp
+from eptq_fx.graph import ops as op_table
+from eptq_fx.graph.passes.weight_ops import modularize_weight_ops
 
 logger = logging.getLogger(__name__)
 
-MATMUL_FUNCTIONS = (torch.matmul, torch.bmm, operator.matmul)
-MATMUL_METHODS = ("matmul", "bmm")
-FUNCTIONAL_WEIGHT_OPS = {F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
-
-
 def is_weight_op(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op != "call_module":
-        return False
-    mod = gm.get_submodule(node.target)
-    return isinstance(mod, WEIGHT_OPS) or isinstance(mod, QuantWeightOp)
+    return op_table.is_weight_op_node(gm, node)
 
 
-def is_matmul(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or \
-        (node.op == "call_method" and node.target in MATMUL_METHODS)
-
-
-def is_quant_op(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """The nodes the method treats as layers (compare points): weight ops and activation matmuls."""
-    return is_weight_op(gm, node) or is_matmul(node)
-
-
-def activation_inputs(node: fx.Node) -> list[fx.Node]:
-    """The activation arguments of a quant op (one for conv/linear, two for matmul)."""
-    n_act = 2 if is_matmul(node) else 1
-    return [a for a in node.args[:n_act] if isinstance(a, fx.Node)]
+is_matmul = op_table.is_matmul
+is_quant_op = op_table.is_quant_op
+activation_inputs = op_table.activation_inputs
 
 
 def _is_float_output(node: fx.Node) -> bool:
@@ -55,43 +34,8 @@ def _is_float_output(node: fx.Node) -> bool:
 
 
 def modularize_functional_ops(gm: fx.GraphModule) -> fx.GraphModule:
-    """Turn ``F.linear`` / ``F.conv*`` calls whose weight is a parameter (get_attr) into module calls that share
-    the same parameters, so the rest of the pipeline has one kind of weight op to handle."""
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in FUNCTIONAL_WEIGHT_OPS:
-            continue
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-            continue
-        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-            continue
-        try:
-            w = gm.get_parameter(weight.target)
-        except AttributeError:  # a buffer or a computed tensor: not a weight we can own
-            continue
-        cls = FUNCTIONAL_WEIGHT_OPS[node.target]
-        extra = dict(zip(("stride", "padding", "dilation", "groups"), node.args[3:]))
-        extra.update({k: v for k, v in node.kwargs.items() if k in ("stride", "padding", "dilation", "groups")})
-        if cls is nn.Linear:
-            mod = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
-        else:
-            groups = extra.get("groups", 1)
-            if isinstance(extra.get("padding"), str):
-                continue  # 'same' / 'valid' strings: leave the functional call alone
-            mod = cls(w.shape[1] * groups, w.shape[0], w.shape[2:], bias=bias is not None, **extra)
-        mod.weight = w
-        if bias is not None:
-            mod.bias = gm.get_parameter(bias.target)
-        name = f"{node.name}_module"
-        gm.add_submodule(name, mod)
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (node.args[0],))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
+    """Kept for callers of the old name: ``modularize_weight_ops`` on ``gm``, returning ``gm``."""
+    modularize_weight_ops(gm)
     return gm
 
 

@@ -34,16 +34,14 @@ path to the output) joins the latest block among its inputs. A value that is ret
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from eptq_fx.errors import ConfigError
+from eptq_fx.graph import ops
 from eptq_fx.graph.meta import BLOCK, BLOCKS, COMPARE_POINT
 
 logger = logging.getLogger(__name__)
@@ -53,14 +51,6 @@ logger = logging.getLogger(__name__)
 GRANULARITIES = ("layer", "block", "network")
 _NON_COMPUTE = ("placeholder", "get_attr", "output")
 _SOURCE, _SINK = "<source>", "<sink>"  # virtual nodes; fx node names never contain '<'
-
-_WEIGHT_MODULES = (nn.modules.conv._ConvNd, nn.Linear)  # _ConvNd covers Conv*d and ConvTranspose*d
-_WEIGHT_FUNCTIONS = {
-    torch.matmul, torch.bmm, operator.matmul, F.linear,
-    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-}
-_WEIGHT_METHODS = {"matmul", "bmm", "__matmul__"}
-
 
 @dataclass(frozen=True)
 class Block:
@@ -81,13 +71,11 @@ def default_is_quant_op(node: fx.Node) -> bool:
     """Weight ops: conv / linear modules and functions, matmuls; or a node already marked as compare point."""
     if COMPARE_POINT in node.meta:
         return True
+    gm = node.graph.owning_module
     if node.op == "call_module":
-        return isinstance(node.graph.owning_module.get_submodule(node.target), _WEIGHT_MODULES)
-    if node.op == "call_function":
-        return node.target in _WEIGHT_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _WEIGHT_METHODS
-    return False
+        return ops.is_weight_op_node(gm, node)
+    spec = ops.spec_of(node)  # functional / aten forms: weight ops and matmuls alike
+    return spec is not None and spec.kind != "batch_norm"
 
 
 def _compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:

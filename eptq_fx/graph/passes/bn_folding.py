@@ -5,43 +5,31 @@ In eval mode a BatchNorm is a per-channel affine map ``y = x * s + t`` with ``s 
 op's parameters (``W' = W * s`` per output channel, ``b' = b * s + t``), which removes the BN from the graph and lets
 quantization see the weights that are actually applied.
 
-Both forms are handled: ``call_module`` BatchNorm modules and ``call_function`` ``F.batch_norm`` /
-``torch.batch_norm`` whose statistics come from ``get_attr`` nodes (how timm's ``BatchNormAct2d`` traces).
+Every form in the op table is handled: ``call_module`` BatchNorm modules, ``F.batch_norm`` / ``torch.batch_norm``
+(how timm's ``BatchNormAct2d`` and dynamo graphs trace), ``aten.batch_norm`` (torch.export) and
+``aten._native_batch_norm_legit_no_training`` (decomposed exports, read through ``getitem(·, 0)``), with
+statistics stored as parameters, buffers or constants. The producer must be a weight *module*: run
+``modularize_weight_ops`` first so functional / aten convs count too (``prepare`` does).
 A BN that cannot be folded exactly stays where it is and the reason is logged.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from eptq_fx.graph import ops
 from eptq_fx.graph.meta import FOLDED_BN
 
 logger = logging.getLogger(__name__)
 
-# (base class, index of the output-channel axis in its weight). Subclasses count only if they keep the base
-# class's forward: e.g. a weight-standardised conv rescales its weight in forward, which would undo the fold.
-_WEIGHT_OPS: tuple[tuple[type[nn.Module], int], ...] = (
-    (nn.Conv1d, 0), (nn.Conv2d, 0), (nn.Conv3d, 0),
-    (nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 1), (nn.ConvTranspose3d, 1),
-    (nn.Linear, 0),
-)
 _BN_FORWARDS = {nn.BatchNorm1d.forward, nn.SyncBatchNorm.forward}  # BatchNorm1d/2d/3d share one forward
-
-# Parameter names of the functional forms, in positional order, with their defaults.
-_FUNCTIONAL_BN_SIGNATURES: dict[Any, tuple[tuple[str, Any], ...]] = {
-    F.batch_norm: (("input", None), ("running_mean", None), ("running_var", None), ("weight", None),
-                   ("bias", None), ("training", False), ("momentum", 0.1), ("eps", 1e-5)),
-    torch.batch_norm: (("input", None), ("weight", None), ("bias", None), ("running_mean", None),
-                       ("running_var", None), ("training", False), ("momentum", 0.1), ("eps", 1e-5),
-                       ("cudnn_enabled", True)),
-}
 
 
 class _CannotFold(Exception):
@@ -88,6 +76,10 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
         aliases[id(folded)] = [str(producer.target)]  # a chained BN may fold into the copy next
         previous = producer.meta.get(FOLDED_BN)
         producer.meta[FOLDED_BN] = stats.name if previous is None else f"{previous}+{stats.name}"
+        if node.target in ops.BATCHNORM_TUPLE_OUTPUT:  # (out, mean, invstd): only item 0 is read
+            for item in list(node.users):
+                item.replace_all_uses_with(producer)
+                gm.graph.erase_node(item)
         node.replace_all_uses_with(producer)
         gm.graph.erase_node(node)
         n_folded += 1
@@ -115,7 +107,7 @@ def folded_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
 def _is_batchnorm_node(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), nn.modules.batchnorm._BatchNorm)
-    return node.op == "call_function" and node.target in _FUNCTIONAL_BN_SIGNATURES
+    return ops.is_batchnorm_function(node)
 
 
 def _bn_label(node: fx.Node) -> str:
@@ -146,14 +138,13 @@ def _module_bn_stats(gm: fx.GraphModule, node: fx.Node) -> _BNStats:
 
 
 def _functional_bn_stats(gm: fx.GraphModule, node: fx.Node) -> _BNStats:
-    signature = _FUNCTIONAL_BN_SIGNATURES[node.target]
-    names = [name for name, _ in signature]
-    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+    bound = ops.BATCHNORM_TABLE[node.target].bind(node)
+    if bound is None:
         raise _CannotFold("its arguments do not match the batch_norm signature")
-    bound = {name: default for name, default in signature}
-    bound.update(zip(names, node.args))
-    bound.update(node.kwargs)
-    if bound["training"] is not False:
+    if node.target in ops.BATCHNORM_TUPLE_OUTPUT and any(
+            not (u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0) for u in node.users):
+        raise _CannotFold("its saved statistics (outputs 1, 2) are used")
+    if bound.get("training", False) is not False:
         raise _CannotFold(f"training={bound['training']!r} (batch statistics are used)", logging.WARNING)
     if not isinstance(bound["eps"], (int, float)):
         raise _CannotFold("its eps is not a constant")
@@ -181,12 +172,9 @@ def _functional_bn_name(mean_arg: Any, node: fx.Node) -> str:
 
 
 def _constant_tensor(gm: fx.GraphModule, arg: Any, what: str) -> torch.Tensor:
-    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+    value = ops.constant_value(gm, arg)
+    if value is None:
         raise _CannotFold(f"its {what} is computed in the graph, not a stored tensor")
-    owner_path, _, attr = str(arg.target).rpartition(".")
-    value = getattr(gm.get_submodule(owner_path), attr)
-    if not isinstance(value, torch.Tensor):
-        raise _CannotFold(f"its {what} '{arg.target}' is not a tensor")
     return value
 
 
@@ -208,13 +196,6 @@ def _count_uses(names: list[str], use_targets: list[Any]) -> int:
     return sum(any(touches(str(t), name) for name in names) for t in use_targets)
 
 
-def _weight_op_axis(module: nn.Module) -> int | None:
-    for base, axis in _WEIGHT_OPS:
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return axis
-    return None
-
-
 def _known_rank(node: fx.Node) -> int | None:
     tensor_meta = node.meta.get("tensor_meta")
     if tensor_meta is not None and hasattr(tensor_meta, "shape"):
@@ -230,7 +211,7 @@ def _foldable_producer(
     if producer.op != "call_module":
         raise _CannotFold(f"its input '{producer.name}' is not a conv/linear module")
     module = gm.get_submodule(str(producer.target))
-    out_axis = _weight_op_axis(module)
+    out_axis = ops.module_channel_axis(module)
     if out_axis is None:
         raise _CannotFold(f"its producer '{producer.target}' ({type(module).__name__}) is not a supported weight op")
     if parametrize.is_parametrized(module) or "weight" not in module._parameters or module._forward_pre_hooks:

@@ -1,7 +1,8 @@
 """Convert: replace fake-quantizers by the reference Q/DQ ops PT2E emits (``torch.ops.quantized_decomposed``),
 with integer weights stored in the graph.
 
-Weights become ``get_attr(int weight) → dequantize_per_channel → F.conv*/F.linear``; each activation quantizer
+Weights become ``get_attr(int weight) → dequantize_per_channel → F.conv*/F.linear`` (``aten.conv2d`` /
+``aten.linear`` ... when the graph came from torch.export); each activation quantizer
 becomes ``quantize_per_tensor → dequantize_per_tensor``. Backends that pattern-match Q/DQ (Inductor, ExecuTorch,
 ONNX QDQ) lower these into integer kernels; eagerly the graph computes what the fake-quant graph computed.
 """
@@ -16,6 +17,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eptq_fx.graph import ops
+from eptq_fx.graph.meta import SOURCE_IR
 from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,8 @@ def container_dtype(qmin: int, qmax: int) -> torch.dtype:
     raise ValueError(f"no integer dtype holds [{qmin}, {qmax}]")
 
 
-def _emit_weight_op(gm: fx.GraphModule, node: fx.Node, qop: QuantWeightOp, prefix: str) -> fx.Node:
+def _emit_weight_op(gm: fx.GraphModule, node: fx.Node, qop: QuantWeightOp, prefix: str,
+                    aten_ir: bool = False) -> fx.Node:
     op, wq = qop.op, qop.weight_quant
     w_int = wq.int_weight(op.weight.detach())
     w_dtype = torch.int8 if wq.bits <= 8 else container_dtype(wq.qmin, wq.qmax)
@@ -50,19 +54,19 @@ def _emit_weight_op(gm: fx.GraphModule, node: fx.Node, qop: QuantWeightOp, prefi
                                (w, s, z, wq.axis, wq.qmin, wq.qmax, w_dtype))
         b = g.get_attr(f"{prefix}_bias") if op.bias is not None else None
         x = node.args[0]
-        if isinstance(op, nn.Linear):
-            return g.call_function(F.linear, (x, w_dq, b))
-        dims = w_int.dim() - 2
-        if isinstance(op, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
-            return g.call_function(fn, (x, w_dq, b, op.stride, op.padding, op.output_padding, op.groups,
-                                        op.dilation))
-        padding = op.padding
+        fn, kind = ops.functional_for(op, aten_ir)
+        seq = list if aten_ir else (lambda v: v)  # aten overloads take int[] where F.* takes tuples
+        if kind == "linear":
+            return g.call_function(fn, (x, w_dq, b))
+        if kind == "conv_transpose":
+            return g.call_function(fn, (x, w_dq, b, seq(op.stride), seq(op.padding), seq(op.output_padding),
+                                        op.groups, seq(op.dilation)))
+        padding = op.padding if isinstance(op.padding, str) else seq(op.padding)
         if op.padding_mode != "zeros":  # non-zero padding modes pad explicitly, as nn.Conv does
-            x = g.call_function(F.pad, (x, op._reversed_padding_repeated_twice, op.padding_mode))
-            padding = 0
-        fn = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        return g.call_function(fn, (x, w_dq, b, op.stride, padding, op.dilation, op.groups))
+            pad = torch.ops.aten.pad.default if aten_ir else F.pad
+            x = g.call_function(pad, (x, list(op._reversed_padding_repeated_twice), op.padding_mode))
+            padding = seq([0] * (w_int.dim() - 2))
+        return g.call_function(fn, (x, w_dq, b, seq(op.stride), padding, seq(op.dilation), op.groups))
 
 
 def _emit_act_quant(gm: fx.GraphModule, node: fx.Node, aq: ActQuantizer) -> fx.Node:
@@ -77,13 +81,14 @@ def _emit_act_quant(gm: fx.GraphModule, node: fx.Node, aq: ActQuantizer) -> fx.N
 def convert(prepared: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     """Lower a calibrated / reconstructed prepared graph to Q/DQ ops with integer weights."""
     gm = prepared if inplace else copy.deepcopy(prepared)
+    aten_ir = gm.meta.get(SOURCE_IR) == "aten"  # an exported input stays aten, as convert_pt2e's output
     n_w = n_a = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
         if isinstance(mod, QuantWeightOp) and mod.weight_quant.mode != "off":
-            new = _emit_weight_op(gm, node, mod, node.name)
+            new = _emit_weight_op(gm, node, mod, node.name, aten_ir)
             n_w += 1
         elif isinstance(mod, ActQuantizer) and mod.mode == "on":
             new = _emit_act_quant(gm, node, mod)
