@@ -14,7 +14,7 @@ import torch.nn as nn
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import materialize
 from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError, ModelError, TraceError
-from eptq_fx.graph.meta import STATIC_BATCH
+from eptq_fx.graph.meta import SOURCE_IR, STATIC_BATCH
 from eptq_fx.graph.passes.infra import prepare_pass_manager
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.graph.passes.qdq_lowering import convert
@@ -92,9 +92,9 @@ def _capture_for_data(model, calib_data, config: EPTQConfig, example_inputs, cap
             trace_error = e
     names = input_names(first) if first is not None else _signature_inputs(unwrap(model))
     calib = materialize(calib_data, names, max_samples=config.n_calib)
-    is_module = isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule)
+    is_module = isinstance(model, nn.Module)
     if is_module and (first is None or (method == "auto" and not capture_kwargs.get("leaf_modules")
-                                             and opaque_weight_calls(first))):
+                                        and first.meta.get(SOURCE_IR) != "aten" and opaque_weight_calls(first))):
         probe = example_inputs or calib.take(torch.arange(min(4, calib.n)))
         try:
             return capture(model, probe, method="export" if first is None else "auto", **capture_kwargs), calib

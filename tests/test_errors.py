@@ -120,14 +120,24 @@ class LeadingFlag(MLP):
         return 2 * y if double else y
 
 
+class WithRequiredFlag(MLP):
+    def forward(self, x: torch.Tensor, double: bool) -> torch.Tensor:  # type: ignore[override]
+        y = super().forward(x)
+        if double:
+            y = 2 * y
+        return y
+
+
 def test_control_flow_on_an_argument_suggests_concrete_args_which_fix_it():
-    with pytest.raises(TraceError, match=r"^torch.fx could not trace the forward of WithFlag: .*control flow\. "
-                                         r"Pass concrete_args=\{\.\.\.\} to fix the arguments"):
-        quantize(WithFlag(), data())
+    with pytest.raises(TraceError, match=r"^torch.fx could not trace the forward of WithRequiredFlag: .*control "
+                                         r"flow\. Pass concrete_args=\{\.\.\.\} to fix the arguments"):
+        quantize(WithRequiredFlag(), (data(), data()), capture_method="symbolic_trace")
     model = WithFlag().eval()
+    x = data(4, seed=1)
+    by_default = quantize(model, data(), TINY)  # an argument with a default is fixed to it, not data
+    assert F.cosine_similarity(by_default(x).flatten(), model(x).flatten(), dim=0) > 0.9
     gm = quantize(model, data(), TINY, concrete_args={"double": True})
     assert has_qdq(gm)
-    x = data(4, seed=1)
     assert F.cosine_similarity(gm(x).flatten(), model(x, True).flatten(), dim=0) > 0.9
 
 
@@ -145,9 +155,11 @@ class NoQuantizable(nn.Module):
         return torch.tanh(x) * 2 + 1
 
 
-def test_model_without_quantizable_layers_is_returned_in_float_with_a_warning(caplog):
+def test_model_without_quantizable_layers_is_an_error_unless_float_is_allowed(caplog):
+    with pytest.raises(ModelError, match=r"no quantizable layer .*allow_float=True"):
+        quantize(NoQuantizable(), data(), TINY)
     with caplog.at_level(logging.WARNING, logger="eptq_fx"):
-        gm = quantize(NoQuantizable(), data(), TINY)
+        gm = quantize(NoQuantizable(), data(), TINY, allow_float=True)
     assert "no quantizable layer" in caplog.text
     assert not has_qdq(gm)
     x = data(4, seed=1)

@@ -167,7 +167,24 @@ def capture(model, example_inputs: tuple | None = None, leaf_modules: Sequence[t
         raise ModelError(f"capture needs an nn.Module, a GraphModule or an ExportedProgram, got "
                          f"{type(model).__name__}.")
     if isinstance(model, fx.GraphModule):
-        return _adopt_graph_module(model)
+        gm = _adopt_graph_module(model)
+        # functions fx or dynamo kept whole (dynamo's F.multi_head_attention_forward, an fx.wrap'ed helper)
+        # and torch.nn modules fx keeps as leaves by default (nn.MultiheadAttention) hide weights; other
+        # leaf modules in a user's GraphModule were the user's choice and stay
+        whole = {m.name for m in gm.graph.nodes if m.op == "call_function"} | {
+            str(m.target) for m in gm.graph.nodes if m.op == "call_module"
+            and type(gm.get_submodule(str(m.target))).__module__.startswith("torch.nn.")}
+        hidden = [n for n in opaque_weight_calls(gm) if n in whole]
+        if hidden and method != "symbolic_trace" and example_inputs is not None and gm.meta[SOURCE_IR] != "aten":
+            try:
+                exported = _export(gm, example_inputs)
+            except Exception as e:
+                logger.warning("weights inside %s stay in float: torch.export failed on the graph (%s: %s)",
+                               hidden[:5], type(e).__name__, str(e)[:200])
+                return gm
+            logger.info("re-captured the graph with torch.export: weights inside %s", hidden[:5])
+            return exported
+        return gm
     model = unwrap(model)
     if method == "export":
         if example_inputs is None:
@@ -190,7 +207,7 @@ def capture(model, example_inputs: tuple | None = None, leaf_modules: Sequence[t
             return gm
         logger.info("captured with torch.export: symbolic_trace leaves weights inside %s", opaque[:5])
         return exported
-    if opaque:
+    if opaque and method == "auto":
         logger.warning("weights inside %s are not visible to symbolic_trace; pass example_inputs (or "
                        "method='export') to capture them with torch.export", opaque[:5])
     return gm
