@@ -149,10 +149,10 @@ class QuantWeightOp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         op, w = self.op, self.quantized_weight()
-        if isinstance(op, nn.Linear):
-            return F.linear(x, w, op.bias)
-        if isinstance(op, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[w.dim() - 2]
+        fn, kind = ops.functional_for(op, aten_ir=False)
+        if kind == "linear":
+            return fn(x, w, op.bias)
+        if kind == "conv_transpose":
             return fn(x, w, op.bias, op.stride, op.padding, op.output_padding, op.groups, op.dilation)
         return op._conv_forward(x, w, op.bias)
 
