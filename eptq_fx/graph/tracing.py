@@ -90,17 +90,15 @@ def _adopt_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
             gm.graph.erase_node(node)  # shape guards of the export: we feed other batch sizes on purpose
     gm.graph.lint()
     gm.recompile()
-    static = set()
+    # torch.export records each input's shape ("val"); a plain int batch dim means the graph was traced
+    # for that batch size only (its views / reshapes may spell it out)
+    batch_dims = set()
     for node in gm.graph.nodes:
-        val = node.meta.get("val", node.meta.get("example_value"))
+        val = node.meta.get("val")
         if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() > 0:
-            if isinstance(val.shape[0], int):
-                static.add(int(val.shape[0]))
-            else:
-                static.add(None)
-    if len(static) == 1 and None not in static and "val" in next(iter(
-            n for n in gm.graph.nodes if n.op == "placeholder")).meta:
-        gm.meta[STATIC_BATCH] = static.pop()
+            batch_dims.add(val.shape[0] if isinstance(val.shape[0], int) else None)
+    if len(batch_dims) == 1 and None not in batch_dims:
+        gm.meta[STATIC_BATCH] = batch_dims.pop()
     gm.meta[SOURCE_IR] = "aten" if ops.is_aten_graph(gm) else "torch"
     return gm
 

@@ -104,15 +104,17 @@ def test_rtn_integer_weights_match_the_module_path(name: str, kind: str, referen
         torch.testing.assert_close(q(x), reference[name](x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def eptq_reference() -> list[torch.Tensor]:
-    return int_weights(eptq_fx.quantize(_model("tiny_resnet"), _data(32), EPTQ, progress=False))
+_EPTQ_REFERENCE: dict[str, list[torch.Tensor]] = {}
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_eptq_integer_weights_match_the_module_path(kind: str, eptq_reference: list) -> None:
-    model = _model("tiny_resnet")
-    expected = eptq_reference
+@pytest.mark.parametrize("name", ["tiny_resnet", pytest.param("tiny_vit", marks=pytest.mark.slow),
+                                  pytest.param("mlp", marks=pytest.mark.slow)])
+def test_eptq_integer_weights_match_the_module_path(name: str, kind: str) -> None:
+    model = _model(name)
+    if name not in _EPTQ_REFERENCE:
+        _EPTQ_REFERENCE[name] = int_weights(eptq_fx.quantize(model, _data(32), EPTQ, progress=False))
+    expected = _EPTQ_REFERENCE[name]
     got = int_weights(eptq_fx.quantize(_as(kind, model), _data(32), EPTQ, progress=False))
     assert len(got) == len(expected) > 0
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
