@@ -22,7 +22,10 @@ def _zoo(name: str) -> nn.Module:
     if name in ("vit_b_16", "swin_t"):
         torchvision = pytest.importorskip("torchvision")
         kwargs = {"image_size": SIZE} if name == "vit_b_16" else {}
-        return getattr(torchvision.models, name)(weights=None, **kwargs)
+        model = getattr(torchvision.models, name)(weights=None, **kwargs)
+        if name == "vit_b_16":  # torchvision zero-initialises the head: all-zero logits have no SQNR
+            nn.init.normal_(model.heads.head.weight, std=0.02)
+        return model
     timm = pytest.importorskip("timm")
     kwargs = {"img_size": SIZE} if name.startswith("deit") else {}
     return timm.create_model(name, pretrained=False, **kwargs)
