@@ -73,17 +73,27 @@ def _check_widths(acts: list[fx.Node], weights: dict[str, tuple[int, int]], opse
     return needs_21
 
 
-def _with_exact_clamps(gm: fx.GraphModule, acts: list[fx.Node]) -> fx.GraphModule:
-    """A copy of ``gm`` with ``clamp(q, qmin, qmax)`` after every quantize narrower than its container."""
+def _with_exact_clamps(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` where every quantize narrower than its container is clamped explicitly: an integer
+    ``clamp(q, qmin, qmax)`` after an 8-bit-container quantize (ORT still fuses the consumer's DQ → Conv), and a
+    float clamp of the input to ``[(qmin − zp)·s, (qmax − zp)·s]`` before a 16-bit one (ORT has no 16-bit
+    integer Clip; rounding a clamped value gives exactly qmin / qmax)."""
     out = copy.deepcopy(gm)
-    narrow = {n.name for n in acts if _int_range(n)[:2] != _container_range(_int_range(n)[2])}
     for node in list(out.graph.nodes):
-        if node.name not in narrow:
+        if node.op != "call_function" or node.target is not qd.quantize_per_tensor.default:
             continue
-        qmin, qmax, _ = _int_range(node)
-        with out.graph.inserting_after(node):
-            clamped = out.graph.call_function(torch.clamp, (node, qmin, qmax))
-        node.replace_all_uses_with(clamped, delete_user_cb=lambda u: u is not clamped)
+        qmin, qmax, dtype = _int_range(node)
+        if (qmin, qmax) == _container_range(dtype):
+            continue
+        if torch.iinfo(dtype).bits <= 8:
+            with out.graph.inserting_after(node):
+                clamped = out.graph.call_function(torch.clamp, (node, qmin, qmax))
+            node.replace_all_uses_with(clamped, delete_user_cb=lambda u, c=clamped: u is not c)
+        else:
+            x, scale, zp = node.args[:3]
+            with out.graph.inserting_before(node):
+                clamped = out.graph.call_function(torch.clamp, (x, (qmin - zp) * scale, (qmax - zp) * scale))
+            node.replace_input_with(x, clamped)
     out.graph.lint()
     out.recompile()
     return out
@@ -118,6 +128,10 @@ def _pack_int4_weights_(model, weights: dict[str, tuple[int, int]]) -> int:
                 onnx.helper.make_tensor(name, onnx.TensorProto.INT4, zp.shape, zp.flatten().tolist()))
             node.input[2] = name
         packed += 1
+    used = {i for n in model.graph.node for i in n.input}
+    unused = [i for i in model.graph.initializer if i.name not in used]  # int8 zero points now replaced
+    for init in unused:
+        model.graph.initializer.remove(init)
     return packed
 
 
@@ -134,7 +148,7 @@ def export_onnx(quantized_gm: fx.GraphModule, example_inputs, path: PathLike, dy
     opset = ONNX_OPSET if opset_version is None else int(opset_version)
     acts, weights = quant_plan(quantized_gm)
     _check_widths(acts, weights, opset)
-    program = export(_with_exact_clamps(quantized_gm, acts), example_inputs, dynamic_batch=dynamic_batch)
+    program = export(_with_exact_clamps(quantized_gm), example_inputs, dynamic_batch=dynamic_batch)
     onnx_program = torch.onnx.export(program, f=None, dynamo=True, external_data=False, verbose=False,
                                      opset_version=opset)
     model = onnx_program.model_proto

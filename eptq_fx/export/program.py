@@ -38,6 +38,20 @@ def _detached_copies(args: tuple) -> tuple:
                  for a in args)
 
 
+def example_like(gm: fx.GraphModule, batch: int = 2) -> tuple:
+    """Zero inputs of the shapes and dtypes ``prepare`` recorded on the placeholders (batch size ``batch``):
+    an example for ``torch.export`` that carries no user data."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        tm = node.meta.get("tensor_meta")
+        if tm is None or not hasattr(tm, "shape"):
+            raise ModelError(f"The graph records no shape for input {node.name!r}: pass example_inputs explicitly.")
+        out.append(torch.zeros((batch, *tm.shape[1:]), dtype=tm.dtype))
+    return tuple(out)
+
+
 def _widen_batch(args: tuple) -> tuple:
     """torch.export specialises a dimension of size 1 to the constant 1; trace with two samples instead so
     the batch dimension stays symbolic."""
