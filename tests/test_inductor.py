@@ -1,0 +1,52 @@
+"""compile_for_inductor: the converted graph reaches Inductor's oneDNN int8 kernels (pattern-matcher counts)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import eptq_fx
+from eptq_fx import EPTQConfig
+from eptq_fx.export.inductor import compile_for_inductor
+from examples.models import example_input, make_model
+
+W8A8 = EPTQConfig(method="rtn", weight_bits=8, act_bits=8, act_range="minmax")
+
+
+def _compiled_counts(name: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    model = make_model(name)
+    q = eptq_fx.quantize(model, example_input(name, 64, seed=1), W8A8, progress=False)
+    x = example_input(name, 16, seed=2)
+    torch._dynamo.reset()
+    counters.clear()
+    out = compile_for_inductor(q)(x)
+    with torch.no_grad():
+        ref = q(x)
+    return dict(counters["inductor"]), out, ref
+
+
+def test_convs_and_linears_lower_to_int8_kernels_and_freezing_stays_scoped():
+    import torch._inductor.config as inductor_config
+
+    counts, out, ref = _compiled_counts("tiny_resnet")
+    assert inductor_config.freezing is False  # set around the calls only
+    # tiny_resnet: 6 convs and 1 linear, every one with prepacked int8 weights and lowered to a oneDNN kernel
+    assert counts.get("qconv_weight_prepack_matcher_count", 0) == 6
+    assert counts.get("qlinear_weight_prepack_matcher_count", 0) == 1
+    assert counts.get("qconv_unary_lower_count", 0) == 6 and counts.get("qlinear_unary_lower_count", 0) == 1
+    # int8 kernels requantize with their own rounding: same predictions, small differences
+    assert float((out.argmax(1) == ref.argmax(1)).float().mean()) >= 0.9
+    assert float((out - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+
+
+@pytest.mark.slow
+def test_vit_linears_lower_to_int8_kernels():
+    counts, out, ref = _compiled_counts("tiny_vit")
+    assert counts.get("qlinear_weight_prepack_matcher_count", 0) >= 4
+    # a randomly initialised ViT has near-tied logits, so compare values rather than predictions
+    assert float((out - ref).abs().max()) <= 0.1 * float(ref.abs().max())
+
+
+def test_compile_refuses_what_is_not_a_module():
+    with pytest.raises(eptq_fx.ModelError, match="converted model"):
+        compile_for_inductor(lambda x: x)
