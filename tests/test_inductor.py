@@ -10,12 +10,16 @@ from eptq_fx import EPTQConfig
 from eptq_fx.export.inductor import compile_for_inductor
 from examples.models import example_input, make_model
 
-W8A8 = EPTQConfig(method="rtn", weight_bits=8, act_bits=8, act_range="minmax")
+from eptq_fx.export.inductor import cpu_has_vnni
+
+# without VNNI oneDNN saturates 8-bit weights; 7-bit weights are exact there (see eptq_fx/export/inductor.py)
+W_BITS = 8 if cpu_has_vnni() else 7
+CONFIG = EPTQConfig(method="rtn", weight_bits=W_BITS, act_bits=8, act_range="minmax", first_last_8bit=False)
 
 
 def _compiled_counts(name: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
     model = make_model(name)
-    q = eptq_fx.quantize(model, example_input(name, 64, seed=1), W8A8, progress=False)
+    q = eptq_fx.quantize(model, example_input(name, 64, seed=1), CONFIG, progress=False)
     x = example_input(name, 16, seed=2)
     torch._dynamo.reset()
     counters.clear()
@@ -34,9 +38,9 @@ def test_convs_and_linears_lower_to_int8_kernels_and_freezing_stays_scoped():
     assert counts.get("qconv_weight_prepack_matcher_count", 0) == 6
     assert counts.get("qlinear_weight_prepack_matcher_count", 0) == 1
     assert counts.get("qconv_unary_lower_count", 0) == 6 and counts.get("qlinear_unary_lower_count", 0) == 1
-    # int8 kernels requantize with their own rounding: same predictions, small differences
+    # int8 kernels requantize with their own rounding: a value on a rounding boundary may move one step
     assert float((out.argmax(1) == ref.argmax(1)).float().mean()) >= 0.9
-    assert float((out - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
 
 
 @pytest.mark.slow
@@ -44,7 +48,17 @@ def test_vit_linears_lower_to_int8_kernels():
     counts, out, ref = _compiled_counts("tiny_vit")
     assert counts.get("qlinear_weight_prepack_matcher_count", 0) >= 4
     # a randomly initialised ViT has near-tied logits, so compare values rather than predictions
-    assert float((out - ref).abs().max()) <= 0.1 * float(ref.abs().max())
+    assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+
+@pytest.mark.skipif(cpu_has_vnni(), reason="the saturation guard applies to CPUs without VNNI")
+def test_eight_bit_weights_are_refused_where_onednn_saturates_them():
+    model = make_model("tiny_resnet")
+    q = eptq_fx.quantize(model, example_input("tiny_resnet", 64, seed=1),
+                         EPTQConfig(method="rtn", weight_bits=8, act_bits=8, act_range="minmax"), progress=False)
+    with pytest.raises(eptq_fx.ModelError, match="weight_bits=7"):
+        compile_for_inductor(q)
+    compile_for_inductor(q, allow_saturation=True)  # accepted when asked for
 
 
 def test_compile_refuses_what_is_not_a_module():
