@@ -7,10 +7,8 @@ from torch._dynamo.utils import counters
 
 import eptq_fx
 from eptq_fx import EPTQConfig
-from eptq_fx.export.inductor import compile_for_inductor
+from eptq_fx.export.inductor import compile_for_inductor, cpu_has_vnni
 from examples.models import example_input, make_model
-
-from eptq_fx.export.inductor import cpu_has_vnni
 
 # without VNNI oneDNN saturates 8-bit weights; 7-bit weights are exact there (see eptq_fx/export/inductor.py)
 W_BITS = 8 if cpu_has_vnni() else 7

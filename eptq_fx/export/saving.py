@@ -54,9 +54,10 @@ def quant_tables(gm: fx.GraphModule) -> tuple[dict, dict]:
         if node.target is qd.dequantize_per_channel.default and node.args[0].op == "get_attr":
             w, s, z, axis, qmin, qmax, _ = node.args
             weights[str(w.target)] = {
-                "int_weight": gm.get_buffer(w.target).detach().clone(), "scale": gm.get_buffer(s.target).detach().clone(),
-                "zero_point": gm.get_buffer(z.target).detach().clone(), "axis": int(axis), "qmin": int(qmin),
-                "qmax": int(qmax)}
+                "int_weight": gm.get_buffer(w.target).detach().clone(),
+                "scale": gm.get_buffer(s.target).detach().clone(),
+                "zero_point": gm.get_buffer(z.target).detach().clone(),
+                "axis": int(axis), "qmin": int(qmin), "qmax": int(qmax)}
         elif node.target is qd.quantize_per_tensor.default:
             _, scale, zp, qmin, qmax, dtype = node.args
             acts[node.name] = {"scale": float(scale), "zero_point": int(zp), "qmin": int(qmin), "qmax": int(qmax),
