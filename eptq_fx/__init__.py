@@ -9,6 +9,7 @@ from eptq_fx import (
 )
 from eptq_fx.config import KEEP, EPTQConfig, HessianConfig, Override, ReconstructionConfig
 from eptq_fx.errors import (
+    ArtifactError,
     CalibrationDataError,
     CheckpointError,
     ConfigError,
@@ -18,15 +19,17 @@ from eptq_fx.errors import (
     TraceError,
 )
 from eptq_fx.export import export_onnx
+from eptq_fx.export.saving import load, save
 from eptq_fx.graph.passes.qdq_lowering import convert
 from eptq_fx.graph.tracing import capture
 from eptq_fx.numerics.calibration import calibrate
 from eptq_fx.pipeline import prepare, quantize, reconstruct
 
 __all__ = [
-    "quantize", "capture", "prepare", "calibrate", "reconstruct", "convert", "export", "export_onnx",
+    "quantize", "save", "load", "capture", "prepare", "calibrate", "reconstruct", "convert", "export",
+    "export_onnx",
     "EPTQConfig", "HessianConfig",
     "ReconstructionConfig", "Override", "KEEP", "errors", "EPTQError", "TraceError", "ConfigError",
-    "CalibrationDataError", "ModelError", "HessianError", "CheckpointError",
+    "CalibrationDataError", "ModelError", "ArtifactError", "HessianError", "CheckpointError",
 ]
 __version__ = "0.1.0"

@@ -89,6 +89,7 @@ def load_calibration(path: str, key: str | None = None):
 def cmd_quantize(args: argparse.Namespace) -> int:
     from eptq_fx.config import EPTQConfig, parse_bits
     from eptq_fx.export import export, export_onnx
+    from eptq_fx.export.program import example_like
     from eptq_fx.pipeline import quantize
 
     w_bits, a_bits = parse_bits(args.bits)
@@ -104,10 +105,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"quantized with {args.method} at {args.bits.upper()} in {seconds:.1f} s; {agreement}")
     if args.out:
         out = Path(args.out)
+        example = example_like(quantized)  # zeros of the input shape: no calibration image goes into the file
         if out.suffix == ".onnx":
-            export_onnx(quantized, sample, out)
+            export_onnx(quantized, example, out)
         else:
-            export(quantized, sample, out)
+            export(quantized, example, out)
         print(f"wrote {out}")
     return 0
 

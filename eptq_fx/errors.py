@@ -32,3 +32,7 @@ class CheckpointError(EPTQError):
 
 class KernelInputError(EPTQError, ValueError):
     """A numba kernel was given arrays it cannot work on (NaN, wrong shape, bad bit width)."""
+
+
+class ArtifactError(EPTQError, ValueError):
+    """A file given to eptq_fx.load is not a complete eptq_fx quantized-model file."""

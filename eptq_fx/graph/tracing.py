@@ -36,7 +36,9 @@ class _Tracer(fx.Tracer):
     """A tracer that treats chosen module types/names as leaves and remembers where it is, so a failure can name
     the module that broke tracing."""
 
-    def __init__(self, leaf_modules: Sequence[type | str], autowrap_functions: Sequence[Callable]):
+    # defaults: torch.load re-creates a pickled GraphModule by tracing it again with a no-argument subclass of
+    # the tracer class that made it
+    def __init__(self, leaf_modules: Sequence[type | str] = (), autowrap_functions: Sequence[Callable] = ()):
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
@@ -250,6 +252,9 @@ def _symbolic_capture(model: nn.Module, example_inputs, leaf_modules, concrete_a
         ) from e
     if concrete_args:
         _drop_specialization_asserts_(graph, concrete_args)
+    for node in graph.nodes:  # `from __future__ import annotations` makes fx record types as strings, which
+        if isinstance(node.type, str):  # GraphModule.__reduce__ cannot import: torch.save would fail
+            node.type = None
     gm = fx.GraphModule(tracer.root, graph, type(root).__name__)
     gm.eval()
     gm.meta[SOURCE_IR] = "torch"

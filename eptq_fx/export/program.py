@@ -1,12 +1,11 @@
-"""Export a converted (Q/DQ) model: ``torch.export`` ExportedProgram (``.pt2``) and ONNX QDQ.
+"""``torch.export`` a converted (Q/DQ) model to an ExportedProgram (``.pt2``).
 
 The converted graph holds ``quantized_decomposed`` quantize / dequantize ops and integer weights, so the exported
 program keeps them as they are: a backend (Inductor, ExecuTorch, ONNX Runtime) sees the same Q/DQ patterns PT2E
-would hand it. ONNX needs the optional ``onnx`` extra (``pip install 'eptq_fx[onnx]'``).
+would hand it.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ import torch.ao.quantization.fx._decomposed
 from torch import fx
 
 from eptq_fx.errors import ModelError
+from eptq_fx.export._atomic import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,27 @@ def _as_tuple(example_inputs) -> tuple:
     if not isinstance(example_inputs, Sequence):
         raise ModelError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}.")
     return tuple(example_inputs)
+
+
+def _detached_copies(args: tuple) -> tuple:
+    """torch.export stores the example inputs in the program: a slice of a big tensor (e.g. the calibration set)
+    would drag its whole storage into the file, so keep compact copies of the slice only."""
+    return tuple(a.detach().clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+def example_like(gm: fx.GraphModule, batch: int = 2) -> tuple:
+    """Zero inputs of the shapes and dtypes ``prepare`` recorded on the placeholders (batch size ``batch``):
+    an example for ``torch.export`` that carries no user data."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        tm = node.meta.get("tensor_meta")
+        if tm is None or not hasattr(tm, "shape"):
+            raise ModelError(f"The graph records no shape for input {node.name!r}: pass example_inputs explicitly.")
+        out.append(torch.zeros((batch, *tm.shape[1:]), dtype=tm.dtype))
+    return tuple(out)
 
 
 def _widen_batch(args: tuple) -> tuple:
@@ -49,7 +70,7 @@ def export(quantized_gm: fx.GraphModule, example_inputs, path: PathLike | None =
 
     ``dynamic_batch``: dim 0 of every tensor input is exported as a symbolic batch size (otherwise the program
     accepts only the example's shapes). Load a saved program with :func:`load`."""
-    args = _as_tuple(example_inputs)
+    args = _detached_copies(_as_tuple(example_inputs))
     dynamic_shapes = None
     if dynamic_batch:
         args = _widen_batch(args)
@@ -66,9 +87,7 @@ def export(quantized_gm: fx.GraphModule, example_inputs, path: PathLike | None =
     finally:
         quantized_gm.train(was_training)
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.export.save(program, path)
+        path = write_atomically(Path(path), lambda tmp: torch.export.save(program, tmp))
         logger.info("saved the exported program to %s", path)
     return program
 
@@ -76,28 +95,3 @@ def export(quantized_gm: fx.GraphModule, example_inputs, path: PathLike | None =
 def load(path: PathLike) -> torch.export.ExportedProgram:
     """Load a program saved by :func:`export` (``.module()`` gives a callable module)."""
     return torch.export.load(Path(path))
-
-
-def _require_onnx() -> None:
-    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ImportError(
-            f"ONNX export needs {' and '.join(missing)}: install the extra with pip install 'eptq_fx[onnx]'."
-        )
-
-
-def export_onnx(quantized_gm: fx.GraphModule, example_inputs, path: PathLike, dynamic_batch: bool = True,
-                opset_version: int | None = None) -> Path:
-    """Write the converted model as an ONNX QDQ model (QuantizeLinear / DequantizeLinear around float ops).
-
-    Goes through :func:`export` and torch's dynamo-based ONNX exporter; returns the written path."""
-    _require_onnx()
-    program = export(quantized_gm, example_inputs, dynamic_batch=dynamic_batch)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # external_data=False: tiny-to-medium models fit the 2 GB protobuf limit, and one file is easier to ship
-    onnx_program = torch.onnx.export(program, f=None, dynamo=True, external_data=False, verbose=False,
-                                     opset_version=opset_version)
-    onnx_program.save(str(path), external_data=False)
-    logger.info("saved the ONNX model to %s", path)
-    return path
