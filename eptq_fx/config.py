@@ -176,6 +176,10 @@ class EPTQConfig:
     n_calib: int = 1024
     calib_batch_size: int = 32
     seed: int = 0
+    # mixed precision: a weight-memory budget in bytes (int) or as a fraction of the 8-bit size (float in (0, 1]);
+    # per-layer weight widths are then chosen among weight_candidates (see eptq_fx.mixed_precision)
+    weight_memory: int | float | None = None
+    weight_candidates: tuple[int, ...] = (2, 4, 8)
     hessian: HessianConfig = field(default_factory=HessianConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 
@@ -191,6 +195,17 @@ class EPTQConfig:
         _check_positive("calib_batch_size", self.calib_batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+        wm = self.weight_memory
+        if wm is not None:
+            if isinstance(wm, bool) or not isinstance(wm, (int, float)) or wm <= 0 or \
+                    (isinstance(wm, float) and wm > 1.0):
+                raise ConfigError(f"weight_memory must be bytes (a positive int) or a fraction of the 8-bit "
+                                  f"size (a float in (0, 1]), got {wm!r}.")
+        if not isinstance(self.weight_candidates, tuple) or not self.weight_candidates:
+            raise ConfigError(f"weight_candidates must be a non-empty tuple of bit widths, "
+                              f"got {self.weight_candidates!r}.")
+        for b in self.weight_candidates:
+            _check_bits("weight_candidates", b)
         if self.power_of_two and self.act_scheme == "asymmetric":
             raise ConfigError(
                 "power_of_two scales need a zero point of 0: use act_scheme='symmetric' or 'unsigned'."

@@ -2,6 +2,7 @@
 which runs all of it. Shaped like PT2E's prepare/convert; every stage returns a GraphModule."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -104,6 +105,12 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
     if not weight_ops(prepared) and not compare_points(prepared):
         logger.warning("the model has no quantizable layer (conv / linear / matmul): returning it in float")
         return gm
+    mp_choice = None
+    if config.weight_memory is not None:  # choose per-layer widths, then quantize at them (user overrides win)
+        from eptq_fx.mixed_precision import choose_bit_widths
+        mp_choice = choose_bit_widths(prepared, calib, config, progress=progress)
+        config = dataclasses.replace(config, overrides=mp_choice.overrides() + config.overrides)
+        prepared = prepare(gm, config, example_inputs=example)
     if calib.n < config.n_calib:  # n_calib is a maximum: run on what there is, but say so
         logger.warning("the calibration data has %d samples, fewer than config.n_calib=%d: using all %d",
                        calib.n, config.n_calib, calib.n)
