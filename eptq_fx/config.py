@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from eptq_fx.errors import ConfigError
@@ -105,7 +107,8 @@ class HessianConfig:
     batch_size: int = 128  # samples per Hessian batch (independent of the reconstruction batch)
     weight_samples: int = 64  # images used for the per-element weight Hessian (HMSE thresholds)
     weight_probes: int = 16
-    cache_dir: str | None = ".cache/eptq_fx/hessian"  # None disables the cache
+    # None (the default) disables the cache; eptq_fx.config.user_cache_dir() / "hessian" is the usual place
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         for n in ("max_probes", "min_probes", "batch_size", "weight_samples", "weight_probes"):
@@ -230,9 +233,25 @@ class EPTQConfig:
         return out
 
 
-def check_override_names(config: EPTQConfig, known_names: list[str]) -> None:
-    """Refuse ``Override(name=...)`` entries that name no layer, listing close matches."""
+def user_cache_dir() -> Path:
+    """The per-user cache directory: ``$XDG_CACHE_HOME/eptq_fx`` (else ``~/.cache/eptq_fx``), never the
+    directory the user happens to run from."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "eptq_fx"
+
+
+def check_override_names(config: EPTQConfig, known_names: list[str], modules: list | None = None) -> None:
+    """Refuse overrides that select no layer: a ``name`` that is not a layer (listing close matches), a
+    ``regex`` that matches no layer name, a ``module_type`` no layer has (when ``modules`` is given)."""
     for o in config.overrides:
+        if o.regex is not None and not any(re.fullmatch(o.regex, n) for n in known_names):
+            raise ConfigError(f"Override regex {o.regex!r} matches no quantizable layer (re.fullmatch on names "
+                              f"such as {', '.join(known_names[:3])}).")
+        if o.module_type is not None and modules is not None and \
+                not any(isinstance(m, o.module_type) for m in modules if m is not None):
+            kinds = sorted({type(m).__name__ for m in modules if m is not None})
+            raise ConfigError(f"Override module_type {o.module_type.__name__} matches no quantizable layer; "
+                              f"the model's layers are {', '.join(kinds)}.")
         if o.name is not None and o.name not in known_names:
             close = difflib.get_close_matches(o.name, known_names, n=3)
             hint = f" Close matches: {', '.join(close)}." if close else \

@@ -25,7 +25,7 @@ from torch.func import functional_call
 from eptq_fx.config import KEEP, EPTQConfig, Override
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import ConfigError
-from eptq_fx.graph.meta import LAYER_QUANT
+from eptq_fx.graph.meta import HESSIAN_MEAN, LAYER_QUANT
 from eptq_fx.graph.passes.qdq_insertion import weight_ops
 from eptq_fx.method.activation_hessian import label_free_hessian
 from eptq_fx.numerics import kernels
@@ -143,6 +143,7 @@ def choose_bit_widths(prepared: fx.GraphModule, calib: CalibSet, config: EPTQCon
         hs = label_free_hessian(prepared, [nodes[n].name for n in names], calib, config.hessian,
                                 seed=config.seed, progress=progress)
     mean_h = hs.scores.mean(0)
+    prepared.meta[HESSIAN_MEAN] = dict(zip(hs.names, mean_h.tolist()))
     errors = _output_errors(prepared, {n: ops[n] for n in names}, calib, candidates, config.n_grid)
     numel = {n: ops[n].weight.numel() for n in names}
     with torch.no_grad(), quant_disabled(prepared):
