@@ -93,10 +93,16 @@ def load_model(model_module: str | None, checkpoint: str | None) -> nn.Module:
 
 
 def _load_state(model: nn.Module, state: dict, checkpoint: str, model_module: str) -> None:
+    try:  # torch decides what matches (old checkpoints without BatchNorm's num_batches_tracked still load)
+        model.load_state_dict(state)
+        return
+    except RuntimeError:
+        pass
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")] or missing
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -107,9 +113,11 @@ def _load_state(model: nn.Module, state: dict, checkpoint: str, model_module: st
             k = shapes[0]
             parts.append(f"{len(shapes)} shape mismatch(es) such as {k!r} {tuple(state[k].shape)} vs "
                          f"{tuple(own[k].shape)}")
-        raise ModelError(f"{checkpoint} does not match the model of {model_module} ({'; '.join(parts)}); "
-                         f"pass the factory that built this checkpoint.")
-    model.load_state_dict(state)
+        reason = "; ".join(parts)
+    else:
+        reason = "load_state_dict refused it"
+    raise ModelError(f"{checkpoint} does not match the model of {model_module} ({reason}); "
+                     f"pass the factory that built this checkpoint.")
 
 
 def _float_inputs(x: torch.Tensor, where: str, allow_integer: bool) -> torch.Tensor:
