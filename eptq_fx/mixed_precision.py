@@ -137,7 +137,7 @@ def choose_bit_widths(prepared: fx.GraphModule, calib: CalibSet, config: EPTQCon
     calib = calib.subset(MP_SAMPLES, config.seed)
     ops = weight_ops(prepared)
     nodes = {n.target: n for n in prepared.graph.nodes if n.op == "call_module" and LAYER_QUANT in n.meta}
-    names = [n for n in ops if n in nodes]
+    names = [t for t in nodes if t in ops]  # graph order: the first / last layer are those annotate kept at 8
     candidates = tuple(sorted(config.weight_candidates))
     with quant_disabled(prepared):
         hs = label_free_hessian(prepared, [nodes[n].name for n in names], calib, config.hessian,
@@ -163,8 +163,7 @@ def choose_bit_widths(prepared: fx.GraphModule, calib: CalibSet, config: EPTQCon
     fixed, free = {}, []
     for i, n in enumerate(names):
         lq = nodes[n].meta[LAYER_QUANT]
-        if _user_fixed(n, ops[n].op, config) or (config.first_last_8bit and lq.weight_bits != config.weight_bits
-                                                  and i in (0, len(names) - 1)):
+        if _user_fixed(n, ops[n].op, config) or (config.first_last_8bit and i in (0, len(names) - 1)):
             fixed[n] = lq.weight_bits
         else:
             free.append(n)
