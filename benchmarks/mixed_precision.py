@@ -89,15 +89,40 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
     return row
 
 
+def table(path=RESULTS) -> str:
+    """The results as a markdown table (the latest run of each setting)."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        rows[(r["model"], r["budget"], r["method"], r.get("iters"))] = r
+    out = ["| model | budget (bytes) | method | top-1 | weights used (bytes) | widths used | quantize s |",
+           "|---|---|---|---|---|---|---|"]
+    for (model, budget, method, iters), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        counts = {}
+        for b in r.get("per_layer_bits", {}).values():
+            counts[b] = counts.get(b, 0) + 1
+        widths = ", ".join(f"{n}×{b}" for b, n in sorted(counts.items()))
+        label = method + (f" ({iters} steps/block)" if iters else "")
+        out.append(f"| {model} | {budget} ({r['budget_bytes']:,}) | {label} | {r['top1']:.2f} | "
+                   f"{r['used_bytes']:,} | {widths} | {r['quantize_s']:.0f} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20")
     p.add_argument("--budget", default="W4", help="W4 or W3: the size of uniform 4- or 3-bit weights")
-    p.add_argument("--method", required=True, choices=("uniform_rtn", "uniform_eptq", "mp_rtn", "mp_eptq", "mct_mp"))
+    p.add_argument("--table", action="store_true", help="print the results so far as a markdown table")
+    p.add_argument("--method", choices=("uniform_rtn", "uniform_eptq", "mp_rtn", "mp_eptq", "mct_mp"))
     p.add_argument("--iters", type=int, default=None, help="EPTQ steps per block (default: eptq_fx's)")
     p.add_argument("--n-calib", type=int, default=1024)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.table:
+        print(table())
+        return
+    if args.method is None:
+        p.error("--method is required")
     torch.set_num_threads(args.threads)
     row = run(args.model, args.budget, args.method, args.iters, args.n_calib)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

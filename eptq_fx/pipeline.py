@@ -116,6 +116,7 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
         raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
     t0 = time.perf_counter()
     gm = capture(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    _check_not_quantized(gm)
     _warn_float_leaves(gm)
     names = input_names(gm)
     calib = materialize(calib_data, names, max_samples=config.n_calib)
