@@ -414,3 +414,33 @@ def test_plot_is_written(workdir):
     pytest.importorskip("matplotlib")
     code = main(_quantize_args(workdir / "calib.npz", "--plot", str(workdir / "r.png")))
     assert code == 0 and (workdir / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_leaf_module_with_convs_is_reported(caplog):
+    import logging
+
+    import eptq_fx
+
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    with caplog.at_level(logging.WARNING, logger="eptq_fx"):
+        eptq_fx.quantize(model, torch.randn(16, 3, 8, 8), eptq_fx.EPTQConfig(method="rtn"), leaf_modules=["0"],
+                         progress=False)
+    assert any("leaf module 0" in r.message and "stay in float" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="eptq_fx"):
+        eptq_fx.quantize(model, torch.randn(16, 3, 8, 8), eptq_fx.EPTQConfig(method="rtn"), progress=False)
+    assert not any("stay in float" in r.message for r in caplog.records)
+
+
+def test_n_calib_warning_only_when_asked(caplog):
+    import logging
+
+    import eptq_fx
+
+    with caplog.at_level(logging.WARNING, logger="eptq_fx"):
+        eptq_fx.quantize(tiny_model(), torch.randn(16, 3, 8, 8), eptq_fx.EPTQConfig(method="rtn"), progress=False)
+    assert not any("fewer than" in r.message for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="eptq_fx"):
+        eptq_fx.quantize(tiny_model(), torch.randn(16, 3, 8, 8), eptq_fx.EPTQConfig(method="rtn", n_calib=500),
+                         progress=False)
+    assert any("fewer than config.n_calib=500" in r.message for r in caplog.records)
