@@ -185,7 +185,7 @@ def plot_report(rep: dict, path: str | Path) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(layers) + 2), 6.5), sharex=True)
     ax1.bar(x, [r.get("hessian") or 0 for r in layers], color="tab:purple")
     ax1.set_yscale("log")
-    ax1.set_ylabel("label-free Hessian\n(mean tr JᵀJ)")
+    ax1.set_ylabel("label-free Hessian\n(mean tr(J^T J))")
     ax1.set_title("Per-layer sensitivity and output SQNR vs float")
     for key, label, style in (("sqnr_rtn_db", "round-to-nearest", "o--"), ("sqnr_db", "final", "s-")):
         vals = [r.get(key) for r in layers]
