@@ -444,3 +444,18 @@ def test_n_calib_warning_only_when_asked(caplog):
         eptq_fx.quantize(tiny_model(), torch.randn(16, 3, 8, 8), eptq_fx.EPTQConfig(method="rtn", n_calib=500),
                          progress=False)
     assert any("fewer than config.n_calib=500" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("tty, flags, expected", [
+    (True, [], True), (True, ["-q"], False), (False, [], False), (False, ["--progress"], True),
+])
+def test_progress_bars_follow_the_terminal(monkeypatch, tty, flags, expected):
+    import sys
+
+    from eptq_fx.cli import _progress, build_parser
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    quiet = [f for f in flags if f == "-q"]
+    rest = [f for f in flags if f != "-q"]
+    args = build_parser().parse_args([*quiet, "quantize", "--calib", "c.npz", *rest])
+    assert _progress(args) is expected
