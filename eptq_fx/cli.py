@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import sys

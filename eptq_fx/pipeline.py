@@ -15,11 +15,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import materialize
 from eptq_fx.errors import CalibrationDataError, ConfigError, ModelError
+from eptq_fx.graph.meta import HESSIAN_MEAN, RUN_RECORD
 from eptq_fx.graph.passes.annotation import annotate, modularize_functional_ops
 from eptq_fx.graph.passes.bn_folding import fold_batchnorm
 from eptq_fx.graph.passes.qdq_insertion import compare_points, insert_qdq, weight_ops
 from eptq_fx.graph.passes.qdq_lowering import convert
-from eptq_fx.graph.meta import HESSIAN_MEAN, RUN_RECORD
 from eptq_fx.graph.tracing import capture, unwrap
 from eptq_fx.numerics.calibration import CONFIG_KEY, calibrate, init_weight_scales_, input_names
 from eptq_fx.report import model_bytes, record_layers, record_sqnr
