@@ -24,10 +24,11 @@ from eptq_fx.graph.passes.qdq_lowering import convert
 from eptq_fx.graph.tracing import capture
 from eptq_fx.numerics.calibration import calibrate
 from eptq_fx.pipeline import prepare, quantize, reconstruct
+from eptq_fx.report import report
 
 __all__ = [
-    "quantize", "save", "load", "capture", "prepare", "calibrate", "reconstruct", "convert", "export",
-    "export_onnx",
+    "quantize", "report", "save", "load", "capture", "prepare", "calibrate", "reconstruct", "convert",
+    "export", "export_onnx",
     "EPTQConfig", "HessianConfig",
     "ReconstructionConfig", "Override", "KEEP", "errors", "EPTQError", "TraceError", "ConfigError",
     "CalibrationDataError", "ModelError", "ArtifactError", "HessianError", "CheckpointError",

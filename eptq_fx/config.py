@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 from eptq_fx.errors import ConfigError
@@ -105,7 +107,8 @@ class HessianConfig:
     batch_size: int = 128  # samples per Hessian batch (independent of the reconstruction batch)
     weight_samples: int = 64  # images used for the per-element weight Hessian (HMSE thresholds)
     weight_probes: int = 16
-    cache_dir: str | None = ".cache/eptq_fx/hessian"  # None disables the cache
+    # None (the default) disables the cache; eptq_fx.config.user_cache_dir() / "hessian" is the usual place
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         for n in ("max_probes", "min_probes", "batch_size", "weight_samples", "weight_probes"):
@@ -176,6 +179,10 @@ class EPTQConfig:
     n_calib: int = 1024
     calib_batch_size: int = 32
     seed: int = 0
+    # mixed precision: a weight-memory budget in bytes (int) or as a fraction of the 8-bit size (float in (0, 1]);
+    # per-layer weight widths are then chosen among weight_candidates (see eptq_fx.mixed_precision)
+    weight_memory: int | float | None = None
+    weight_candidates: tuple[int, ...] = (2, 4, 8)
     hessian: HessianConfig = field(default_factory=HessianConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 
@@ -191,6 +198,17 @@ class EPTQConfig:
         _check_positive("calib_batch_size", self.calib_batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+        wm = self.weight_memory
+        if wm is not None:
+            if isinstance(wm, bool) or not isinstance(wm, (int, float)) or wm <= 0 or \
+                    (isinstance(wm, float) and wm > 1.0):
+                raise ConfigError(f"weight_memory must be bytes (a positive int) or a fraction of the 8-bit "
+                                  f"size (a float in (0, 1]), got {wm!r}.")
+        if not isinstance(self.weight_candidates, tuple) or not self.weight_candidates:
+            raise ConfigError(f"weight_candidates must be a non-empty tuple of bit widths, "
+                              f"got {self.weight_candidates!r}.")
+        for b in self.weight_candidates:
+            _check_bits("weight_candidates", b)
         if self.power_of_two and self.act_scheme == "asymmetric":
             raise ConfigError(
                 "power_of_two scales need a zero point of 0: use act_scheme='symmetric' or 'unsigned'."
@@ -215,9 +233,25 @@ class EPTQConfig:
         return out
 
 
-def check_override_names(config: EPTQConfig, known_names: list[str]) -> None:
-    """Refuse ``Override(name=...)`` entries that name no layer, listing close matches."""
+def user_cache_dir() -> Path:
+    """The per-user cache directory: ``$XDG_CACHE_HOME/eptq_fx`` (else ``~/.cache/eptq_fx``), never the
+    directory the user happens to run from."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "eptq_fx"
+
+
+def check_override_names(config: EPTQConfig, known_names: list[str], modules: list | None = None) -> None:
+    """Refuse overrides that select no layer: a ``name`` that is not a layer (listing close matches), a
+    ``regex`` that matches no layer name, a ``module_type`` no layer has (when ``modules`` is given)."""
     for o in config.overrides:
+        if o.regex is not None and not any(re.fullmatch(o.regex, n) for n in known_names):
+            raise ConfigError(f"Override regex {o.regex!r} matches no quantizable layer (re.fullmatch on names "
+                              f"such as {', '.join(known_names[:3])}).")
+        if o.module_type is not None and modules is not None and \
+                not any(isinstance(m, o.module_type) for m in modules if m is not None):
+            kinds = sorted({type(m).__name__ for m in modules if m is not None})
+            raise ConfigError(f"Override module_type {o.module_type.__name__} matches no quantizable layer; "
+                              f"the model's layers are {', '.join(kinds)}.")
         if o.name is not None and o.name not in known_names:
             close = difflib.get_close_matches(o.name, known_names, n=3)
             hint = f" Close matches: {', '.join(close)}." if close else \

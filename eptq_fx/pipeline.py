@@ -2,6 +2,7 @@
 which runs all of it. Shaped like PT2E's prepare/convert; every stage returns a GraphModule."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -14,12 +15,13 @@ import torch.nn as nn
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import materialize
 from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError, ModelError, TraceError
-from eptq_fx.graph.meta import SOURCE_IR, STATIC_BATCH
+from eptq_fx.graph.meta import HESSIAN_MEAN, RUN_RECORD, SOURCE_IR, STATIC_BATCH
 from eptq_fx.graph.passes.infra import prepare_pass_manager
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.graph.passes.qdq_lowering import convert
 from eptq_fx.graph.tracing import capture, opaque_weight_calls, unwrap
 from eptq_fx.numerics.calibration import CONFIG_KEY, calibrate, init_weight_scales_, input_names
+from eptq_fx.report import model_bytes, record_layers, record_sqnr
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,32 @@ def _check_weights_finite(gm: fx.GraphModule) -> None:
     for kind, name, t in tensors:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ModelError(f"{kind} {name!r} contains NaN or Inf; fix the checkpoint before quantizing.")
+
+
+def _warn_float_leaves(gm: fx.GraphModule) -> None:
+    """A leaf module is an opaque call: the conv / linear layers inside it stay in float. Say so."""
+    from eptq_fx.numerics.quantizers import WEIGHT_OPS
+
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, WEIGHT_OPS):
+            continue
+        inner = [n for n, m in mod.named_modules() if n and isinstance(m, WEIGHT_OPS)]
+        if inner:
+            logger.warning("leaf module %s holds %d conv/linear layer(s) (%s) that stay in float; trace into it "
+                           "(drop it from leaf_modules) to quantize them", node.target, len(inner), inner[0])
+
+
+def _check_not_quantized(gm: fx.GraphModule) -> None:
+    from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
+
+    quantized = any(isinstance(m, (QuantWeightOp, ActQuantizer)) for m in gm.modules()) or any(
+        n.op == "call_function" and "quantized_decomposed" in str(n.target) for n in gm.graph.nodes)
+    if quantized:
+        raise ModelError("The model is already quantized (it has eptq_fx quantizers or Q/DQ ops); "
+                         "quantize the float model instead.")
 
 
 def _data_error(e: Exception, calib, float_dtype: torch.dtype | None) -> CalibrationDataError:
@@ -58,6 +86,7 @@ def prepare(model: nn.Module, config: EPTQConfig = EPTQConfig(), example_inputs:
     if not isinstance(config, EPTQConfig):
         raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
     gm = capture(model, example_inputs, **capture_kwargs)
+    _check_not_quantized(gm)
     _check_weights_finite(gm)
     try:
         gm = prepare_pass_manager(config, example_inputs)(gm).graph_module
@@ -126,6 +155,8 @@ def quantize(model, calib_data, config: EPTQConfig = EPTQConfig(), example_input
                                   dict(leaf_modules=leaf_modules, concrete_args=concrete_args,
                                        method=capture_method))
     device = _model_device(gm)
+    _check_not_quantized(gm)
+    _warn_float_leaves(gm)
     data_device = calib.tensors[0].device
     if device is not None and device != data_device:
         raise ModelError(f"The model is on {device} but the calibration data is on {data_device}; "
@@ -155,16 +186,48 @@ def quantize(model, calib_data, config: EPTQConfig = EPTQConfig(), example_input
                              "pass allow_float=True to get it back in float.")
         logger.warning("the model has no quantizable layer (conv / linear / matmul): returning it in float")
         return gm
-    if calib.n < config.n_calib:  # n_calib is a maximum: run on what there is, but say so
-        logger.warning("the calibration data has %d samples, fewer than config.n_calib=%d: using all %d",
-                       calib.n, config.n_calib, calib.n)
+    mp_choice, stages = None, {}
+    if config.weight_memory is not None:  # choose per-layer widths, then quantize at them (user overrides win)
+        from eptq_fx.mixed_precision import choose_bit_widths
+        t = time.perf_counter()
+        mp_choice = choose_bit_widths(prepared, calib, config, progress=progress)
+        stages["mixed_precision"] = time.perf_counter() - t
+        mp_hessian = prepared.meta.get(HESSIAN_MEAN)
+        config = dataclasses.replace(config, overrides=mp_choice.overrides() + config.overrides)
+        prepared = prepare(gm, config, example_inputs=example)
+        prepared.meta[HESSIAN_MEAN] = mp_hessian
+    if calib.n < config.n_calib:  # n_calib is a maximum: run on what there is, but say so if it was asked for
+        asked = config.n_calib != EPTQConfig.__dataclass_fields__["n_calib"].default
+        logger.log(logging.WARNING if asked else logging.INFO, "the calibration data has %d samples, fewer than "
+                   "config.n_calib=%d: using all %d", calib.n, config.n_calib, calib.n)
+    stages = {"capture_prepare": time.perf_counter() - t0 - stages.get("mixed_precision", 0.0), **stages}
+    t = time.perf_counter()
     calibrate(prepared, calib, config=config, progress=progress)
+    stages["calibrate"] = time.perf_counter() - t
+    sqnr_rtn = record_sqnr(prepared, calib)
     if config.method == "eptq":
         from eptq_fx.method.reconstruction import reconstruct
+        t = time.perf_counter()
         reconstruct(prepared, calib, config, resume_dir=resume_dir, progress=progress)
+        stages["reconstruct"] = time.perf_counter() - t
+    _record_run(prepared, gm, calib, config, stages, sqnr_rtn, mp_choice)
     logger.info("quantized (%s, W%dA%d) in %.1f s", config.method, config.weight_bits, config.act_bits,
                 time.perf_counter() - t0)
     return prepared if return_prepared else convert(prepared)
+
+
+def _record_run(prepared, float_gm, calib, config, stages, sqnr_rtn, mp_choice) -> None:
+    """What eptq_fx.report shows, kept on the GraphModule (convert carries gm.meta over)."""
+    layers = record_layers(prepared)
+    float_bytes, quantized_bytes = model_bytes(float_gm, layers)
+    t = time.perf_counter()
+    sqnr_final = record_sqnr(prepared, calib) if config.method == "eptq" else sqnr_rtn
+    stages["report_sqnr"] = time.perf_counter() - t
+    prepared.meta[RUN_RECORD] = {
+        "layers": layers, "n_calib": calib.n, "stage_seconds": stages, "config": config.fingerprint_dict(),
+        "hessian": prepared.meta.get(HESSIAN_MEAN), "sqnr_rtn": sqnr_rtn, "sqnr_final": sqnr_final,
+        "float_bytes": float_bytes, "quantized_bytes": quantized_bytes,
+        "mixed_precision": None if mp_choice is None else mp_choice.as_dict()}
 
 
 def reconstruct(prepared: fx.GraphModule, calib_data, config: EPTQConfig | None = None,

@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cache-dir", default=".cache", help="where the trained digits CNN is cached")
     demo.add_argument("--iters", type=int, default=None, help="EPTQ optimisation steps per block (default: "
-                                                               "the library's, 1000)")
+                                                               "the library's, ReconstructionConfig.iters = 500)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 for digits, "
                                                                   "torch's default otherwise)")
     demo.add_argument("--progress", action="store_true", help="show progress bars")

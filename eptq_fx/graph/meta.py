@@ -18,6 +18,11 @@ INSERTED = "eptq_fx.inserted"
 BLOCK = "eptq_fx.block"
 # On the GraphModule (gm.meta, not node.meta): the list of schedule Blocks, in topological order.
 BLOCKS = "eptq_fx.blocks"
+# On the GraphModule (gm.meta): {compare point: mean over samples of the label-free Hessian score}, set by
+# reconstruction (and by mixed precision) for the report.
+HESSIAN_MEAN = "eptq_fx.hessian_mean"
+# On the GraphModule (gm.meta) returned by quantize: what the run decided and measured (eptq_fx.report reads it).
+RUN_RECORD = "eptq_fx.run_record"
 # On a conv/linear node that absorbed a BatchNorm: the BN's qualified name (for logs and tests).
 FOLDED_BN = "eptq_fx.folded_bn"
 # On the GraphModule: "aten" when captured from torch.export (convert then emits aten ops), else "torch".

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from eptq_fx.config import EPTQConfig, ReconstructionConfig
 from eptq_fx.data import CalibSet
-from eptq_fx.graph.meta import BLOCKS
+from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
 from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
@@ -277,6 +277,8 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         _apply_hmse_thresholds(prepared, calib, config, progress)
     hs = _hessian_scores(prepared, calib, config, cps, progress)
     scores = torch.ones(calib.n, len(cps)) if hs is None else hs.scores
+    if hs is not None:  # for eptq_fx.report
+        prepared.meta[HESSIAN_MEAN] = dict(zip(cps, hs.scores.mean(0).tolist()))
     schedule_blocks(prepared, rc.granularity)
     blocks: list[Block] = prepared.meta[BLOCKS]
     last_use = {}

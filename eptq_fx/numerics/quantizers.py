@@ -11,7 +11,6 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from eptq_fx.graph import ops
 from eptq_fx.graph.meta import ActQuant

@@ -13,8 +13,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from eptq_fx.config import KEEP, EPTQConfig, check_override_names
-from eptq_fx.graph.meta import ACT_QUANT, LAYER_QUANT, ActQuant, LayerQuant
 from eptq_fx.graph import ops as op_table
+from eptq_fx.graph.meta import ACT_QUANT, LAYER_QUANT, ActQuant, LayerQuant
 from eptq_fx.graph.passes.weight_ops import modularize_weight_ops
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def annotate(gm: fx.GraphModule, config: EPTQConfig) -> fx.GraphModule:
     ops = [n for n in gm.graph.nodes if is_quant_op(gm, n)]
     weight_ops = [n for n in ops if is_weight_op(gm, n)]
     names = [str(n.target) if n.op == "call_module" else n.name for n in ops]
-    check_override_names(config, names)
+    check_override_names(config, names, [gm.get_submodule(n.target) if n.op == "call_module" else None
+                                         for n in ops])
     edges = {weight_ops[0], weight_ops[-1]} if weight_ops else set()
     for node, name in zip(ops, names):
         module = gm.get_submodule(node.target) if node.op == "call_module" else None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
+from torch.fx.passes.shape_prop import ShapeProp
 
 from eptq_fx.config import EPTQConfig
 from eptq_fx.errors import ModelError

@@ -1,0 +1,181 @@
+"""Mixed precision under a weight-memory budget: per-layer weight bit widths chosen from the label-free Hessian.
+
+For every weight layer l and candidate width b, the expected increase of the output loss is estimated the way
+EPTQ weighs its reconstruction loss: the layer's label-free Hessian score tr(JᵀJ) (mean over samples), spread
+over the D elements of its output, times the squared output error that quantizing *only this layer* to b bits
+(MSE threshold, round-to-nearest) causes on calibration samples:
+
+    cost_l(b) = tr_l / D_l · E‖y_l(Q_b(W_l)) − y_l(W_l)‖²
+
+The choice minimises Σ cost_l(b_l) under Σ size_l(b_l) ≤ budget (a multiple-choice knapsack, as HAWQ-v3 solves
+with its Hessian). It is solved exactly by merging Pareto fronts of (bytes, cost) layer by layer: with a few
+candidates per layer the fronts stay small, and no solver dependency is needed. The widths are then handed to
+EPTQ as ``Override(name=..., weight_bits=...)`` entries.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.func import functional_call
+
+from eptq_fx.config import KEEP, EPTQConfig, Override
+from eptq_fx.data import CalibSet
+from eptq_fx.errors import ConfigError
+from eptq_fx.graph.meta import HESSIAN_MEAN, LAYER_QUANT
+from eptq_fx.graph.passes.qdq_insertion import weight_ops
+from eptq_fx.method.activation_hessian import label_free_hessian
+from eptq_fx.numerics import kernels
+from eptq_fx.numerics.calibration import quant_disabled
+from eptq_fx.numerics.quantizers import QuantWeightOp, signed_range, weight_as_rows
+
+logger = logging.getLogger(__name__)
+
+MP_SAMPLES = 256  # calibration samples used to measure each layer's output error and Hessian score
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    name: str  # qualified module name
+    numel: int  # weight elements
+    hessian: float  # mean over samples of tr(JᵀJ) at the layer's output
+    costs: dict[int, float]  # candidate bits -> estimated output-loss increase
+    bits: int  # chosen
+    fixed: bool  # not chosen by the knapsack (first/last layer at 8 bits, or set by a user override)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionChoice:
+    layers: tuple[LayerChoice, ...]
+    budget_bytes: int
+    used_bytes: int
+    uniform8_bytes: int
+
+    def overrides(self) -> tuple[Override, ...]:
+        return tuple(Override(name=layer.name, weight_bits=layer.bits) for layer in self.layers if not layer.fixed)
+
+    def as_dict(self) -> dict:
+        return {"budget_bytes": self.budget_bytes, "used_bytes": self.used_bytes,
+                "uniform8_bytes": self.uniform8_bytes,
+                "layers": [{"name": c.name, "bits": c.bits, "fixed": c.fixed, "numel": c.numel,
+                            "hessian": c.hessian, "costs": {str(b): v for b, v in c.costs.items()}}
+                           for c in self.layers]}
+
+
+def weight_bytes(numel: int, bits: int) -> float:
+    return numel * bits / 8.0
+
+
+def solve_knapsack(sizes: list[dict[int, float]], costs: list[dict[int, float]], budget: float) -> list[int]:
+    """Exact multiple-choice knapsack: one key per layer from ``sizes[l]``/``costs[l]`` (same keys), total size
+    ≤ budget, total cost minimal. Returns the chosen key per layer; raises ConfigError when nothing fits."""
+    # each state: (size, cost, choices); keep only the Pareto front (smaller size and smaller cost)
+    front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    for size_l, cost_l in zip(sizes, costs):
+        merged = [(s + size_l[b], c + cost_l[b], ch + (b,)) for s, c, ch in front for b in size_l
+                  if s + size_l[b] <= budget + 1e-9]
+        if not merged:
+            raise ConfigError("weight_memory is below the smallest size the candidate widths allow; raise it "
+                              "or add a smaller width to weight_candidates.")
+        merged.sort(key=lambda t: (t[0], t[1]))
+        front = []
+        for state in merged:
+            if not front or state[1] < front[-1][1]:
+                front.append(state)
+    return list(min(front, key=lambda t: t[1])[2])
+
+
+def _budget_bytes(config: EPTQConfig, uniform8: float) -> float:
+    wm = config.weight_memory
+    return wm * uniform8 if isinstance(wm, float) else float(wm)
+
+
+def _user_fixed(name: str, module, config: EPTQConfig) -> bool:
+    return any(o.weight_bits is not KEEP and o.matches(name, module) for o in config.overrides)
+
+
+@torch.no_grad()
+def _output_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], calib: CalibSet,
+                   candidates: tuple[int, ...], n_grid: int) -> dict[str, dict[int, float]]:
+    """Per layer and width: mean over samples of ‖y(Q_b(W)) − y(W)‖², each layer quantized alone."""
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in ops}
+    hooks = [op.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
+             for name, op in ops.items()]
+    try:
+        with quant_disabled(prepared):
+            for _, batch in calib.batches(64):
+                prepared(*batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    errors = {}
+    for name, op in ops.items():
+        x = torch.cat(inputs.pop(name))
+        w = op.weight.detach()
+        ref = op.op(x)
+        axis = op.weight_quant.axis
+        rows = weight_as_rows(w.cpu(), axis).numpy().astype(np.float32)
+        errors[name] = {}
+        for bits in candidates:
+            scale = torch.as_tensor(kernels.search_weight_scale(rows, bits, n_grid=n_grid), dtype=w.dtype)
+            shape = [1] * w.dim()
+            shape[axis] = -1
+            s = scale.view(shape).to(w.device)
+            qmin, qmax = signed_range(bits)
+            wq = torch.clamp(torch.round(w / s), qmin, qmax) * s
+            out = functional_call(op.op, {"weight": wq}, (x,))
+            errors[name][bits] = float((out - ref).pow(2).flatten(1).sum(1).mean())
+    return errors
+
+
+def choose_bit_widths(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig,
+                      progress: bool = False) -> MixedPrecisionChoice:
+    """Per-layer weight widths under ``config.weight_memory`` for a prepared graph (weights still float)."""
+    calib = calib.subset(MP_SAMPLES, config.seed)
+    ops = weight_ops(prepared)
+    nodes = {n.target: n for n in prepared.graph.nodes if n.op == "call_module" and LAYER_QUANT in n.meta}
+    names = [t for t in nodes if t in ops]  # graph order: the first / last layer are those annotate kept at 8
+    candidates = tuple(sorted(config.weight_candidates))
+    with quant_disabled(prepared):
+        hs = label_free_hessian(prepared, [nodes[n].name for n in names], calib, config.hessian,
+                                seed=config.seed, progress=progress)
+    mean_h = hs.scores.mean(0)
+    prepared.meta[HESSIAN_MEAN] = dict(zip(hs.names, mean_h.tolist()))
+    errors = _output_errors(prepared, {n: ops[n] for n in names}, calib, candidates, config.n_grid)
+    numel = {n: ops[n].weight.numel() for n in names}
+    with torch.no_grad(), quant_disabled(prepared):
+        shapes = {}  # D_l: elements of one sample's output
+        def record(name):
+            def hook(module, args, out) -> None:  # returns None: the output is left as it is
+                shapes[name] = out[0].numel()
+            return hook
+        hooks = [ops[n].register_forward_hook(record(n)) for n in names]
+        try:
+            prepared(*calib.take(torch.arange(1)))
+        finally:
+            for h in hooks:
+                h.remove()
+    uniform8 = sum(weight_bytes(numel[n], 8) for n in names)
+    budget = _budget_bytes(config, uniform8)
+    fixed, free = {}, []
+    for i, n in enumerate(names):
+        lq = nodes[n].meta[LAYER_QUANT]
+        if _user_fixed(n, ops[n].op, config) or (config.first_last_8bit and i in (0, len(names) - 1)):
+            fixed[n] = lq.weight_bits
+        else:
+            free.append(n)
+    fixed_bytes = sum(weight_bytes(numel[n], b) for n, b in fixed.items())
+    costs = {n: {b: float(mean_h[names.index(n)]) / shapes[n] * errors[n][b] for b in candidates} for n in names}
+    sizes = [{b: weight_bytes(numel[n], b) for b in candidates} for n in free]
+    chosen = solve_knapsack(sizes, [costs[n] for n in free], budget - fixed_bytes) if free else []
+    bits = {**fixed, **dict(zip(free, chosen))}
+    layers = tuple(LayerChoice(n, numel[n], float(mean_h[i]),
+                               {b: costs[n][b] for b in candidates}, bits[n], n in fixed)
+                   for i, n in enumerate(names))
+    used = sum(weight_bytes(numel[n], bits[n]) for n in names)
+    logger.info("mixed precision: %d of %d bytes (8-bit: %d); widths %s", used, budget, uniform8,
+                {b: sum(1 for n in names if bits[n] == b) for b in sorted(set(bits.values()))})
+    return MixedPrecisionChoice(layers, int(budget), int(round(used)), int(round(uniform8)))

@@ -1,0 +1,71 @@
+"""Mixed precision under a weight-memory budget: the exact knapsack, the budget honoured end to end, the
+choice following the Hessian-weighted error."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import eptq_fx
+from eptq_fx import ConfigError, EPTQConfig
+from eptq_fx.mixed_precision import solve_knapsack
+from examples.models import example_input, make_model
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n_layers, widths = 6, (2, 4, 8)
+    numel = rng.integers(10, 500, n_layers)
+    sizes = [{b: n * b / 8 for b in widths} for n in numel]
+    costs = [{b: float(rng.random() * 2.0 ** (-b) * n) for b in widths} for n in numel]
+    budget = float(sum(numel) * rng.uniform(2.5, 6) / 8)
+    best = min((c for c in itertools.product(widths, repeat=n_layers)
+                if sum(s[b] for s, b in zip(sizes, c)) <= budget),
+               key=lambda c: sum(k[b] for k, b in zip(costs, c)))
+    got = solve_knapsack(sizes, costs, budget)
+    assert sum(s[b] for s, b in zip(sizes, got)) <= budget
+    assert sum(k[b] for k, b in zip(costs, got)) == pytest.approx(sum(k[b] for k, b in zip(costs, best)))
+
+
+def test_knapsack_refuses_an_impossible_budget():
+    with pytest.raises(ConfigError, match="weight_memory"):
+        solve_knapsack([{2: 10.0, 8: 40.0}], [{2: 1.0, 8: 0.0}], 5.0)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1kb"])
+def test_weight_memory_is_validated(bad):
+    with pytest.raises(ConfigError, match="weight_memory"):
+        EPTQConfig(weight_memory=bad)
+
+
+def test_budget_is_met_and_the_report_shows_the_choice():
+    model = make_model("tiny_resnet")
+    x = example_input("tiny_resnet", batch_size=64)
+    config = EPTQConfig(method="rtn", weight_memory=0.45, hessian=eptq_fx.HessianConfig(max_probes=20))
+    q = eptq_fx.quantize(model, x, config, progress=False)
+    rep = eptq_fx.report(q)
+    mp = rep["mixed_precision"]
+    layers = {r["name"]: r for r in rep["layers"] if r["weight_bits"] is not None}
+    numel = {n: m.weight.numel() for n, m in model.named_modules() if n in layers}
+    used = sum(numel[n] * r["weight_bits"] / 8 for n, r in layers.items())
+    assert used <= mp["budget_bytes"] == int(0.45 * sum(numel.values()))
+    assert mp["used_bytes"] == int(used) == rep["totals"]["quantized_weight_bytes"]
+    chosen = {c["name"]: c["bits"] for c in mp["layers"]}
+    assert chosen == {n: r["weight_bits"] for n, r in layers.items()}  # the quantized model has those widths
+    assert len(set(chosen.values())) > 1  # 45% of the 8-bit size forces a mix
+    # every free layer's cost falls with more bits, and the first/last layer stays at 8
+    first, *_, last = layers
+    assert chosen[first] == chosen[last] == 8
+    for c in mp["layers"]:
+        costs = [c["costs"][str(b)] for b in (2, 4, 8)]
+        assert costs[0] >= costs[1] >= costs[2]
+
+
+def test_generous_budget_gives_eight_bits_everywhere():
+    model = make_model("small_cnn")
+    x = torch.randn(32, 3, 8, 8)
+    q = eptq_fx.quantize(model, x, EPTQConfig(method="rtn", weight_bits=4, weight_memory=1.0), progress=False)
+    assert all(r["weight_bits"] == 8 for r in eptq_fx.report(q)["layers"] if r["weight_bits"])
