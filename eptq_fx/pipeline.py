@@ -109,8 +109,10 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
                        calib.n, config.n_calib, calib.n)
     calibrate(prepared, calib, config=config, progress=progress)
     if config.method == "eptq":
+        from eptq_fx.method.hessian_stage import estimate_hessian
         from eptq_fx.method.reconstruction import reconstruct
-        reconstruct(prepared, calib, config, resume_dir=resume_dir, progress=progress)
+        hessian = estimate_hessian(prepared, calib, config, progress=progress)
+        reconstruct(prepared, calib, config, resume_dir=resume_dir, progress=progress, hessian=hessian)
     logger.info("quantized (%s, W%dA%d) in %.1f s", config.method, config.weight_bits, config.act_bits,
                 time.perf_counter() - t0)
     return prepared if return_prepared else convert(prepared)
@@ -119,8 +121,10 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
 def reconstruct(prepared: fx.GraphModule, calib_data, config: EPTQConfig | None = None,
                 resume_dir: str | None = None, progress: bool = True) -> fx.GraphModule:
     """The EPTQ stage of the staged API: run after ``calibrate`` and before ``convert`` (in place)."""
+    from eptq_fx.method.hessian_stage import estimate_hessian
     from eptq_fx.method.reconstruction import reconstruct as run_reconstruction
 
     config = config or prepared.meta.get(CONFIG_KEY) or EPTQConfig()
     calib = materialize(calib_data, input_names(prepared), max_samples=config.n_calib)
-    return run_reconstruction(prepared, calib, config, resume_dir=resume_dir, progress=progress)
+    hessian = estimate_hessian(prepared, calib, config, progress=progress)
+    return run_reconstruction(prepared, calib, config, resume_dir=resume_dir, progress=progress, hessian=hessian)
