@@ -145,6 +145,10 @@ class ReconstructionConfig:
     # also weight each channel (dim 1) of a compare point by its share of that sample's Hessian trace: a
     # per-sample block-diagonal (per-channel) rather than isotropic second-order approximation of the output error
     hessian_per_channel: bool = False
+    # keep the result only if the network output on held-out calibration samples is closer to float than
+    # round-to-nearest's; the held-out share is not trained on (see method/fallback.py)
+    fallback: bool = True
+    fallback_holdout: float = 0.125
 
     def __post_init__(self) -> None:
         _check_choice("ReconstructionConfig.granularity", self.granularity, ("layer", "block", "network"))
@@ -158,6 +162,8 @@ class ReconstructionConfig:
             raise ConfigError("ReconstructionConfig.warmup must be in [0, 1).")
         if not 0.0 <= self.qdrop < 1.0:
             raise ConfigError("ReconstructionConfig.qdrop must be in [0, 1).")
+        if not 0.0 <= self.fallback_holdout <= 0.5:
+            raise ConfigError("ReconstructionConfig.fallback_holdout must be in [0, 0.5].")
         if not (self.gamma < 0.0 and self.zeta > 1.0):
             raise ConfigError("ReconstructionConfig needs gamma < 0 and zeta > 1 (the stretch of the sigmoid).")
 

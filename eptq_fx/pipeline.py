@@ -206,9 +206,13 @@ def quantize(model, calib_data, config: EPTQConfig = EPTQConfig(), example_input
     stages["calibrate"] = time.perf_counter() - t
     sqnr_rtn = record_sqnr(prepared, calib)
     if config.method == "eptq":
+        from eptq_fx.method.hessian_stage import estimate_hessian
         from eptq_fx.method.reconstruction import reconstruct
         t = time.perf_counter()
-        reconstruct(prepared, calib, config, resume_dir=resume_dir, progress=progress)
+        hessian = estimate_hessian(prepared, calib, config, progress=progress)
+        stages["hessian"] = time.perf_counter() - t
+        t = time.perf_counter()
+        reconstruct(prepared, calib, config, resume_dir=resume_dir, progress=progress, hessian=hessian)
         stages["reconstruct"] = time.perf_counter() - t
     _record_run(prepared, gm, calib, config, stages, sqnr_rtn, mp_choice)
     logger.info("quantized (%s, W%dA%d) in %.1f s", config.method, config.weight_bits, config.act_bits,
@@ -233,8 +237,10 @@ def _record_run(prepared, float_gm, calib, config, stages, sqnr_rtn, mp_choice) 
 def reconstruct(prepared: fx.GraphModule, calib_data, config: EPTQConfig | None = None,
                 resume_dir: str | None = None, progress: bool = True) -> fx.GraphModule:
     """The EPTQ stage of the staged API: run after ``calibrate`` and before ``convert`` (in place)."""
+    from eptq_fx.method.hessian_stage import estimate_hessian
     from eptq_fx.method.reconstruction import reconstruct as run_reconstruction
 
     config = config or prepared.meta.get(CONFIG_KEY) or EPTQConfig()
     calib = materialize(calib_data, input_names(prepared), max_samples=config.n_calib)
-    return run_reconstruction(prepared, calib, config, resume_dir=resume_dir, progress=progress)
+    hessian = estimate_hessian(prepared, calib, config, progress=progress)
+    return run_reconstruction(prepared, calib, config, resume_dir=resume_dir, progress=progress, hessian=hessian)

@@ -23,10 +23,11 @@ from eptq_fx.config import EPTQConfig, ReconstructionConfig
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
 from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
-from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
-from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
+from eptq_fx.graph.passes.qdq_insertion import compare_points
+from eptq_fx.method.activation_hessian import HessianScores
 from eptq_fx.method.checkpoint import RunCheckpoint
-from eptq_fx.method.weight_hessian import weight_hessian
+from eptq_fx.method.fallback import float_outputs, output_error, restore_rtn_, snapshot_rtn
+from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
 from eptq_fx.numerics.calibration import init_weight_scales_, input_names, quant_disabled
 from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
 
@@ -205,11 +206,9 @@ def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx
     return [tree_map(join, *[c[j] for c in chunks]) for j in range(len(chunks[0]))]
 
 
-def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen,
-                 progress) -> tuple[float, float]:
+def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen, n_train: int,
+                 eval_idx: torch.Tensor, progress) -> tuple[float, float]:
     n_out = len(block.outputs)
-    n = f_targets[0].shape[0]
-    eval_idx = torch.arange(min(EVAL_SAMPLES, n))
 
     def block_loss(idx: torch.Tensor) -> torch.Tensor:
         preds = sub(*(q_vals[name][idx] for name in block.inputs))[n_out:]
@@ -225,7 +224,7 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, ge
         sub.train()
         for step in tqdm(range(rc.iters), desc=f"block {block.index}", disable=not progress, leave=False):
             trainer.set_phase(step)
-            idx = torch.randint(0, n, (rc.batch_size,), generator=gen)
+            idx = torch.randint(0, n_train, (rc.batch_size,), generator=gen)
             loss = block_loss(idx)
             beta = trainer.beta(step)
             if beta is not None and parts.weight_ops:
@@ -246,39 +245,42 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, ge
     return loss_before, loss_after
 
 
-def _hessian_scores(prepared, calib, config, cps, progress) -> HessianScores | None:
-    """The label-free Hessian of every compare point, or None for uniform weights (ablation)."""
-    rc = config.reconstruction
-    if not rc.hessian_weighting:
-        return None
-    with quant_disabled(prepared):
-        return label_free_hessian(prepared, cps, calib, config.hessian, seed=config.seed,
-                                  per_channel=rc.hessian_per_channel, progress=progress)
-
-
-def _apply_hmse_thresholds(prepared, calib, config, progress) -> None:
-    names = list(weight_ops(prepared))
-    with quant_disabled(prepared):
-        wh = weight_hessian(prepared, [f"{n}.op" for n in names], calib, config.hessian, seed=config.seed,
-                            progress=progress)
-    init_weight_scales_(prepared, config, {n: wh[f"{n}.op"] for n in names})
+def _split(n: int, rc: ReconstructionConfig) -> tuple[int, torch.Tensor]:
+    """(samples to train on = the first n_train, held-out indices for the fallback tests). With too few
+    samples to spare a held-out part, everything trains and the tests run on the training samples."""
+    n_hold = int(n * rc.fallback_holdout)
+    if n_hold < 8 or n - n_hold < 8:
+        return n, torch.arange(min(EVAL_SAMPLES, n))
+    return n - n_hold, torch.arange(n - n_hold, n)
 
 
 def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, resume_dir: str | None = None,
-                progress: bool = True) -> fx.GraphModule:
-    """Run EPTQ on a calibrated prepared graph (in place; returns it)."""
+                progress: bool = True, hessian: HessianEstimate | None = None) -> fx.GraphModule:
+    """Run EPTQ on a calibrated prepared graph (in place; returns it).
+
+    ``hessian``: the result of ``estimate_hessian`` on the same graph, data and config (computed here when
+    not given). Its weight Hessian (``weight_range="hmse"``) first sets the weight thresholds. At the end,
+    the network output on the held-out calibration samples decides between the result and round-to-nearest
+    (``ReconstructionConfig.fallback``)."""
     rc = config.reconstruction
     if config.power_of_two:  # a trained step would leave the power-of-two grid
         rc = dataclasses.replace(rc, train_weight_scale=False, train_act_scale=False)
     t0 = time.perf_counter()
     cps = compare_points(prepared)
     ckpt = RunCheckpoint.open(resume_dir, prepared, config, calib) if resume_dir else None
-    if config.weight_range == "hmse":
-        _apply_hmse_thresholds(prepared, calib, config, progress)
-    hs = _hessian_scores(prepared, calib, config, cps, progress)
-    scores = torch.ones(calib.n, len(cps)) if hs is None else hs.scores
+    if hessian is None:
+        hessian = estimate_hessian(prepared, calib, config, progress=progress)
+    if hessian.weight is not None:
+        init_weight_scales_(prepared, config, hessian.weight)
+    hs = hessian.activation
+    scores = hessian.scores(calib.n, len(cps))
     if hs is not None:  # for eptq_fx.report
         prepared.meta[HESSIAN_MEAN] = dict(zip(cps, hs.scores.mean(0).tolist()))
+    n_train, hold_idx = _split(calib.n, rc)
+    if rc.fallback:
+        rtn = snapshot_rtn(prepared)
+        f_hold = float_outputs(prepared, calib, hold_idx)
+        rtn_err = output_error(prepared, calib, hold_idx, f_hold)
     schedule_blocks(prepared, rc.granularity)
     blocks: list[Block] = prepared.meta[BLOCKS]
     last_use = {}
@@ -303,7 +305,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             profiles = _channel_profiles(hs, parts, cps, rc)
             tb = time.perf_counter()
             before, after = _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen,
-                                         progress)
+                                         n_train, hold_idx, progress)
             q_out = _run(sub, q_vals, block, None)
             logger.info("block %d (%s): loss %.4g -> %.4g, SQNR %.1f dB, %.1f s", block.index,
                         ",".join(block.quant_ops), before, after, _sqnr_db(q_out[n_out:], f_targets),
@@ -317,6 +319,14 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         for name in [k for k in f_vals if last_use.get(k, -1) <= block.index]:
             f_vals.pop(name, None)
             q_vals.pop(name, None)
+    if rc.fallback:
+        eptq_err = output_error(prepared, calib, hold_idx, f_hold)
+        logger.info("network output error on %d held-out samples: round-to-nearest %.4g, EPTQ %.4g",
+                    len(hold_idx), rtn_err, eptq_err)
+        if eptq_err > rtn_err:
+            restore_rtn_(prepared, rtn)
+            logger.warning("EPTQ moved the network output further from float than round-to-nearest "
+                           "(%.4g > %.4g on held-out samples): kept round-to-nearest", eptq_err, rtn_err)
     logger.info("EPTQ reconstruction: %d blocks (%s), %d steps each, %.1f s", len(blocks), rc.granularity,
                 rc.iters, time.perf_counter() - t0)
     return prepared

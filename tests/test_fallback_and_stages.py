@@ -1,0 +1,102 @@
+"""The Hessian stage feeds reconstruction, and the network-output fallback keeps EPTQ from ending below RTN."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import eptq_fx
+from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
+from eptq_fx.data import CalibSet
+from eptq_fx.errors import ConfigError
+from eptq_fx.graph.passes.qdq_insertion import weight_ops
+from eptq_fx.method import reconstruction as R
+from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
+from eptq_fx.numerics.calibration import calibrate
+from examples.models import example_input, make_model
+
+CFG = EPTQConfig(weight_bits=4, act_bits=4, first_last_8bit=False, n_calib=128, seed=0,
+                 hessian=HessianConfig(max_probes=8, min_probes=4, cache_dir=None),
+                 reconstruction=ReconstructionConfig(iters=30, batch_size=16))
+
+
+def _calibrated(model, x, cfg):
+    prepared = eptq_fx.prepare(model, cfg, example_inputs=(x[:2],))
+    calibrate(prepared, CalibSet((x,)), config=cfg, progress=False)
+    return prepared
+
+
+def test_given_estimate_is_what_reconstruction_uses():
+    model, x = make_model("small_cnn"), example_input("small_cnn", batch_size=128, seed=5)
+    a = _calibrated(model, x, CFG)
+    est = estimate_hessian(a, CalibSet((x,)), CFG, progress=False)
+    assert est.activation is not None and est.weight is None
+    R.reconstruct(a, CalibSet((x,)), CFG, progress=False, hessian=est)
+    b = _calibrated(model, x, CFG)
+    R.reconstruct(b, CalibSet((x,)), CFG, progress=False)  # computes the same estimate itself
+    c = _calibrated(model, x, CFG)
+    # a different estimate (uniform) must change the solution: the argument is really consumed
+    R.reconstruct(c, CalibSet((x,)), CFG, progress=False, hessian=HessianEstimate(None, None))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+        assert not torch.equal(a(x), c(x))
+
+
+def test_hmse_weight_hessian_comes_from_the_stage():
+    cfg = dataclasses.replace(CFG, weight_range="hmse")
+    model, x = make_model("small_cnn"), example_input("small_cnn", batch_size=64, seed=5)
+    prepared = _calibrated(model, x, cfg)
+    est = estimate_hessian(prepared, CalibSet((x,)), cfg, progress=False)
+    ops = weight_ops(prepared)
+    assert est.weight is not None and set(est.weight) == set(ops)
+    assert all(est.weight[n].shape == op.weight.shape and float(est.weight[n].sum()) > 0 for n, op in ops.items())
+
+
+def test_network_fallback_restores_round_to_nearest_exactly(monkeypatch, caplog):
+    """A block that 'improves' its local loss but wrecks the network must not survive: the result is then
+    bit-identical to a method="rtn" run."""
+    model, x = make_model("tiny_resnet"), example_input("tiny_resnet", batch_size=128, seed=3)
+
+    def wrecking_train(sub, block, parts, *args, **kwargs):
+        for op in parts.weight_ops.values():
+            with torch.no_grad():
+                op.op.bias.add_(5.0)
+        return 1.0, 0.5  # claims a local improvement, so the per-block test keeps it
+
+    monkeypatch.setattr(R, "_train_block", wrecking_train)
+    prepared = _calibrated(model, x, CFG)
+    with caplog.at_level(logging.WARNING, logger=R.__name__):
+        R.reconstruct(prepared, CalibSet((x,)), CFG, progress=False)
+    assert "kept round-to-nearest" in caplog.text
+    rtn = eptq_fx.quantize(model, x, dataclasses.replace(CFG, method="rtn"), progress=False)
+    x_test = example_input("tiny_resnet", batch_size=32, seed=9)
+    with torch.no_grad():
+        assert torch.equal(eptq_fx.convert(prepared)(x_test), rtn(x_test))
+
+    # without the fallback the wrecked blocks stay
+    off = dataclasses.replace(CFG, reconstruction=dataclasses.replace(CFG.reconstruction, fallback=False))
+    prepared = _calibrated(model, x, off)
+    R.reconstruct(prepared, CalibSet((x,)), off, progress=False)
+    with torch.no_grad():
+        assert not torch.equal(eptq_fx.convert(prepared)(x_test), rtn(x_test))
+
+
+def test_training_never_sees_the_held_out_samples(monkeypatch):
+    seen = []
+    real_randint = torch.randint
+
+    def spy(low, high, *a, **k):
+        seen.append(high)
+        return real_randint(low, high, *a, **k)
+
+    monkeypatch.setattr(torch, "randint", spy)
+    model, x = make_model("small_cnn"), example_input("small_cnn", batch_size=128, seed=5)
+    R.reconstruct(_calibrated(model, x, CFG), CalibSet((x,)), CFG, progress=False)
+    assert 128 - 16 in seen and 128 not in seen  # 1/8 of 128 held out
+
+
+def test_holdout_validated():
+    with pytest.raises(ConfigError, match="fallback_holdout"):
+        ReconstructionConfig(fallback_holdout=0.9)
