@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import difflib
-import re
 import enum
+import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
