@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -168,6 +169,16 @@ class ReconstructionConfig:
             raise ConfigError("ReconstructionConfig needs gamma < 0 and zeta > 1 (the stretch of the sigmoid).")
 
 
+class ActPlacement(str, enum.Enum):
+    """Where activation quantizers go. ``INPUTS``: on the inputs of quantized layers only. ``FUSABLE``: also on
+    the outputs of conv / linear layers that feed an add or a concatenation, as PT2E's X86InductorQuantizer and
+    ONNX Runtime's QDQ rules expect, so such a conv can run as one int8 kernel (QLinearConv) with a quantized
+    output; reconstruction then sees (and optimises) those extra quantizers too."""
+
+    INPUTS = "inputs"
+    FUSABLE = "fusable"
+
+
 @dataclass(frozen=True)
 class EPTQConfig:
     """Everything a quantization run needs to know. Frozen and validated on construction."""
@@ -181,6 +192,7 @@ class EPTQConfig:
     act_range: Literal["minmax", "mse"] = "mse"
     n_grid: int = 100  # clipping-ratio grid size of the scale searches
     first_last_8bit: bool = True  # first and last weight layer (and their input activations) at 8 bits
+    act_placement: ActPlacement = ActPlacement.INPUTS
     overrides: tuple[Override, ...] = ()
     n_calib: int = 1024
     calib_batch_size: int = 32
@@ -200,6 +212,11 @@ class EPTQConfig:
         _check_choice("weight_range", self.weight_range, ("minmax", "mse", "hmse"))
         _check_choice("act_range", self.act_range, ("minmax", "mse"))
         _check_positive("n_grid", self.n_grid)
+        try:
+            object.__setattr__(self, "act_placement", ActPlacement(self.act_placement))
+        except ValueError as e:
+            raise ConfigError(f"act_placement must be one of {', '.join(p.value for p in ActPlacement)}, got "
+                              f"{self.act_placement!r}.") from e
         _check_positive("n_calib", self.n_calib)
         _check_positive("calib_batch_size", self.calib_batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -233,6 +250,8 @@ class EPTQConfig:
             v = getattr(self, f.name)
             if f.name == "overrides":
                 v = [repr(o) for o in v]
+            elif f.name == "act_placement":
+                v = v.value
             elif f.name in ("hessian", "reconstruction"):
                 v = {g.name: getattr(v, g.name) for g in fields(v)}
             out[f.name] = v

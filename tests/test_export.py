@@ -162,3 +162,25 @@ def test_int8_onnx_fuses_into_qlinear_kernels(widths_data, tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     # tiny_resnet: 6 convs, 3 of them feed a residual add (float output in the "inputs" placement)
     assert ops.count("QLinearConv") >= 2
+
+
+def test_fusable_placement_lets_every_int8_conv_fuse(widths_data, tmp_path):
+    """ActPlacement.FUSABLE quantizes conv outputs that feed residual adds: ORT then runs 5 of tiny_resnet's 6
+    convs as QLinearConv (2 with the default placement; the stem's ReLU output also feeds a float skip path, so
+    it keeps a float Conv), and the file still computes our graph."""
+    import onnx
+
+    model, calib, x = widths_data
+    counts = {}
+    for placement in eptq_fx.ActPlacement:
+        config = EPTQConfig(method="rtn", weight_bits=8, act_bits=8, act_range="minmax", act_placement=placement)
+        q = eptq_fx.quantize(model, calib, config, progress=False)
+        path = export_onnx(q, (x[:2],), tmp_path / f"{placement.value}.onnx")
+        exact = _ort_run(path, x, fuse=False)
+        with torch.no_grad():
+            ref = q(x).numpy()
+        assert float(np.abs(exact - ref).max()) <= 1e-5 * float(np.abs(ref).max())
+        _ort_run(path, x[:2], optimized=str(tmp_path / f"{placement.value}_opt.onnx"))
+        ops = [n.op_type for n in onnx.load(str(tmp_path / f"{placement.value}_opt.onnx")).graph.node]
+        counts[placement] = ops.count("QLinearConv")
+    assert counts[eptq_fx.ActPlacement.FUSABLE] == 5 > counts[eptq_fx.ActPlacement.INPUTS] == 2

@@ -296,3 +296,14 @@ def is_aten_graph(gm: fx.GraphModule) -> bool:
     """Whether the graph is in aten IR (torch.export / its ``.module()``): its calls are OpOverloads."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     return bool(calls) and sum(isinstance(n.target, torch._ops.OpOverload) for n in calls) > len(calls) // 2
+
+
+# Ops that join activations (residual adds, concatenations): the FUSABLE placement quantizes the weight-op
+# outputs that feed them, so int8 runtimes see conv → Q and can run the join in integers.
+_JOIN_FUNCTIONS = (operator.add, torch.add, torch.cat, torch.concat, aten.add.Tensor, aten.cat.default)
+_JOIN_METHODS = ("add",)
+
+
+def is_join(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _JOIN_FUNCTIONS) or \
+        (node.op == "call_method" and node.target in _JOIN_METHODS)

@@ -12,7 +12,7 @@ import logging
 import torch.fx as fx
 import torch.nn as nn
 
-from eptq_fx.config import KEEP, EPTQConfig, check_override_names
+from eptq_fx.config import KEEP, ActPlacement, EPTQConfig, check_override_names
 from eptq_fx.graph import ops as op_table
 from eptq_fx.graph.meta import ACT_QUANT, LAYER_QUANT, ActQuant, LayerQuant
 from eptq_fx.graph.passes.weight_ops import modularize_weight_ops
@@ -50,6 +50,19 @@ def _layer_bits(name: str, module: nn.Module | None, config: EPTQConfig, edge: b
     return w_bits, a_bits
 
 
+def _quantize_outputs_into_joins(gm: fx.GraphModule, config: EPTQConfig) -> None:
+    """``ActPlacement.FUSABLE``: a conv / linear output feeding an add or cat gets a quantizer on that edge (at
+    the layer's activation bits), so int8 runtimes see conv → Q and fuse the conv with its output quantization."""
+    for join in gm.graph.nodes:
+        if not op_table.is_join(join):
+            continue
+        for producer in join.all_input_nodes:
+            lq = producer.meta.get(LAYER_QUANT)
+            if lq is None or lq.act_bits is None or not is_weight_op(gm, producer) or not _is_float_output(producer):
+                continue
+            producer.meta.setdefault(ACT_QUANT, {})[join.name] = ActQuant(lq.act_bits, config.act_scheme)
+
+
 def annotate(gm: fx.GraphModule, config: EPTQConfig) -> fx.GraphModule:
     """Record ``LAYER_QUANT`` on quant ops and ``ACT_QUANT`` on the producers of their quantized inputs."""
     ops = [n for n in gm.graph.nodes if is_quant_op(gm, n)]
@@ -71,6 +84,8 @@ def annotate(gm: fx.GraphModule, config: EPTQConfig) -> fx.GraphModule:
                 logger.info("input %s of %s is not floating point: left unquantized", producer.name, name)
                 continue
             producer.meta.setdefault(ACT_QUANT, {})[node.name] = ActQuant(a_bits, config.act_scheme)
+    if config.act_placement is ActPlacement.FUSABLE:
+        _quantize_outputs_into_joins(gm, config)
     n_w = sum(1 for n in ops if n.meta[LAYER_QUANT].weight_bits is not None)
     logger.info("annotated %d quant ops (%d with quantized weights)", len(ops), n_w)
     gm.graph.lint()
