@@ -11,12 +11,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import materialize
 from eptq_fx.errors import CalibrationDataError, ConfigError, ModelError
 from eptq_fx.graph.passes.annotation import annotate, modularize_functional_ops
 from eptq_fx.graph.passes.bn_folding import fold_batchnorm
-from eptq_fx.graph.passes.qdq_insertion import compare_points, insert_qdq, weight_ops
+from eptq_fx.graph.passes.qdq_insertion import act_quantizers, compare_points, insert_qdq, weight_ops
 from eptq_fx.graph.passes.qdq_lowering import convert
 from eptq_fx.graph.tracing import capture, unwrap
 from eptq_fx.numerics.calibration import CONFIG_KEY, calibrate, init_weight_scales_, input_names
@@ -66,6 +67,10 @@ def prepare(model: nn.Module, config: EPTQConfig = EPTQConfig(), example_inputs:
             ShapeProp(gm).propagate(*example_inputs)  # dtypes let annotate skip integer tensors
     annotate(gm, config)
     insert_qdq(gm, power_of_two=config.power_of_two, seed=config.seed)
+    device = _model_device(gm)
+    if device is not None:  # quantizers are built on the CPU; a CUDA model needs its quantizers beside it
+        for q in [op.weight_quant for op in weight_ops(gm).values()] + list(act_quantizers(gm).values()):
+            q.to(device)
     init_weight_scales_(gm, config)
     gm.meta[CONFIG_KEY] = config
     return gm
@@ -85,6 +90,7 @@ def quantize(model: nn.Module, calib_data, config: EPTQConfig = EPTQConfig(), ex
     if not isinstance(config, EPTQConfig):
         raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
     t0 = time.perf_counter()
+    distributed.init_from_env()  # under torchrun: join its process group; otherwise nothing changes
     gm = capture(model, example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
     names = input_names(gm)
     calib = materialize(calib_data, names, max_samples=config.n_calib)
