@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eptq_fx import distributed
 from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     sample = _first_samples(calib, quantized)
     agreement = _agreement(model, quantized, sample)
     print(f"quantized with {args.method} at {args.bits.upper()} in {seconds:.1f} s; {agreement}")
-    if args.out:
+    if args.out and distributed.is_lead():  # under torchrun every rank holds the same result: one writes
         out = Path(args.out)
         if out.suffix == ".onnx":
             export_onnx(quantized, sample, out)
