@@ -60,13 +60,15 @@ class _BlockTimes(logging.Handler):
             self.seconds.append(float(record.args[-1]))
 
 
-def run(name: str, n_calib: int, iters: int, hessian_batch: int) -> dict:
+def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | None) -> dict:
     import eptq_fx
     from eptq_fx.method.reconstruction import _hessian_scores
     from eptq_fx.graph.passes.qdq_insertion import compare_points
 
     stages: dict[str, float] = {}
     model, x = build(name), images(n_calib)
+    if threads:  # after the torchvision / timm imports, which can reset the thread count
+        torch.set_num_threads(threads)
     cache = tempfile.mkdtemp(prefix="eptq_scale_")
     base = eptq_fx.EPTQConfig(weight_bits=4, act_bits=8, n_calib=n_calib)
     config = dataclasses.replace(
@@ -113,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [run(m, args.n_calib, args.iters, args.hessian_batch) for m in args.models]
+    rows = [run(m, args.n_calib, args.iters, args.hessian_batch, args.threads) for m in args.models]
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     keep = [r for r in old if (r["model"], r["n_calib"], r["iters"]) not in
             {(r["model"], r["n_calib"], r["iters"]) for r in rows}]
