@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eptq_fx import distributed
 from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     sample = _first_samples(calib, quantized)
     agreement = _agreement(model, quantized, sample)
     print(f"quantized with {args.method} at {args.bits.upper()} in {seconds:.1f} s; {agreement}")
-    if out is not None:
+    if out is not None and distributed.is_lead():  # under torchrun every rank holds the same result: one writes
         example = example_like(quantized)  # zeros of the input shape: no calibration image goes into the file
         if out.suffix == ".onnx":
             _atomic_write(out, lambda p: export_onnx(quantized, example, p, opset_version=args.opset))

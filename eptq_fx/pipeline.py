@@ -12,12 +12,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import materialize
 from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError, ModelError, TraceError
 from eptq_fx.graph.meta import HESSIAN_MEAN, RUN_RECORD, SOURCE_IR, STATIC_BATCH
 from eptq_fx.graph.passes.infra import prepare_pass_manager
-from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
+from eptq_fx.graph.passes.qdq_insertion import act_quantizers, compare_points, weight_ops
 from eptq_fx.graph.passes.qdq_lowering import convert
 from eptq_fx.graph.tracing import capture, opaque_weight_calls, unwrap
 from eptq_fx.numerics.calibration import CONFIG_KEY, calibrate, init_weight_scales_, input_names
@@ -94,6 +95,10 @@ def prepare(model: nn.Module, config: EPTQConfig = EPTQConfig(), example_inputs:
         if isinstance(e.__cause__, EPTQError):
             raise e.__cause__ from None
         raise
+    device = _model_device(gm)
+    if device is not None:  # quantizers are built on the CPU; a CUDA model needs its quantizers beside it
+        for q in [op.weight_quant for op in weight_ops(gm).values()] + list(act_quantizers(gm).values()):
+            q.to(device)
     init_weight_scales_(gm, config)
     gm.meta[CONFIG_KEY] = config
     return gm
@@ -151,6 +156,7 @@ def quantize(model, calib_data, config: EPTQConfig = EPTQConfig(), example_input
     if not isinstance(config, EPTQConfig):
         raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
     t0 = time.perf_counter()
+    distributed.init_from_env()  # under torchrun: join its process group; otherwise nothing changes
     gm, calib = _capture_for_data(model, calib_data, config, example_inputs,
                                   dict(leaf_modules=leaf_modules, concrete_args=concrete_args,
                                        method=capture_method))

@@ -110,8 +110,9 @@ class RunCheckpoint:
             for name, op in parts.weight_ops.items():
                 s, wq = state["weights"][name], op.weight_quant
                 wq.scale.copy_(s["scale"])
-                wq.w_floor = s["w_floor"].clone()
-                wq.alpha = torch.nn.Parameter(s["alpha"].clone(), requires_grad=False)
+                # the file is read onto the CPU: back onto the model's device
+                wq.w_floor = s["w_floor"].to(wq.scale.device, copy=True)
+                wq.alpha = torch.nn.Parameter(s["alpha"].to(wq.scale.device, copy=True), requires_grad=False)
                 wq.mode = s["mode"]
                 if s["bias"] is not None:
                     op.op.bias.copy_(s["bias"])

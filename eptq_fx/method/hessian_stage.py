@@ -5,11 +5,13 @@ reconstruction receives it instead of computing it itself, so a caller can inspe
 scores (and the uniform-weight ablation is simply an estimate without activation scores)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
+from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
@@ -41,10 +43,19 @@ def estimate_hessian(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConf
     rc = config.reconstruction
     act = None
     wh = None
+    hc = config.hessian
+    local, _ = distributed.shard(calib)  # under torchrun each rank scores its own samples, gathered below
+    if distributed.is_active():  # a cache entry would hold one shard's scores
+        hc = dataclasses.replace(hc, cache_dir=None)
     with quant_disabled(prepared):
         if rc.hessian_weighting:
-            act = label_free_hessian(prepared, compare_points(prepared), calib, config.hessian, seed=config.seed,
+            act = label_free_hessian(prepared, compare_points(prepared), local, hc, seed=config.seed,
                                      per_channel=rc.hessian_per_channel, progress=progress)
+            if distributed.is_active():  # every rank holds the scores of all samples, in global order
+                act = HessianScores(act.names, distributed.gather_rows(act.scores),
+                                    int(distributed.gather_rows(torch.tensor([act.n_probes])).max()),
+                                    None if act.per_channel is None else
+                                    {k: distributed.gather_rows(v) for k, v in act.per_channel.items()})
         if config.weight_range == "hmse":
             names = list(weight_ops(prepared))
             full = weight_hessian(prepared, [f"{n}.op" for n in names], calib, config.hessian, seed=config.seed,

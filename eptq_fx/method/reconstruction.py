@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
+from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig, ReconstructionConfig
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
@@ -106,7 +107,7 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, profile: torch.Tensor | 
 
 def _sqnr_db(preds: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     sig = sum(float(t.pow(2).sum()) for t in targets)
-    err = sum(float((p - t).pow(2).sum()) for p, t in zip(preds, targets))
+    err = sum(float((p - t.to(p.device)).pow(2).sum()) for p, t in zip(preds, targets))
     return 10.0 * math.log10(sig / err) if err > 0 else float("inf")
 
 
@@ -190,35 +191,73 @@ class _Trainer:
             aq.fold_gain_()
 
 
+def _module_device(module: torch.nn.Module) -> torch.device | None:
+    return next((t.device for t in (*module.parameters(), *module.buffers())), None)
+
+
+def _to_host_if_large(outs, device: torch.device | None, batch: int, n: int):
+    """Cached block outputs stay where the block ran unless they are on a GPU that could not also hold the
+    next block's training (a quarter of its free memory, estimated from the first batch): then on the host,
+    and the minibatches go back to the GPU as they are drawn."""
+    if device is None or device.type != "cuda":
+        return outs
+    leaves = [t for t in tree_flatten(outs)[0] if isinstance(t, torch.Tensor)]
+    total = sum(t.numel() * t.element_size() for t in leaves) * n // max(1, batch)
+    if total <= torch.cuda.mem_get_info(device)[0] // 4:
+        return outs
+    return tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, outs)
+
+
 def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx: torch.Tensor | None,
          batch_size: int = 256) -> list[torch.Tensor]:
     """Run a block subgraph over the (indexed) samples in batches; returns its outputs concatenated."""
     n = next(iter(values[name] for name in block.inputs)).shape[0] if block.inputs else 0
     order = torch.arange(n) if idx is None else idx
+    device = _module_device(sub)
     chunks: list[list[torch.Tensor]] = []
     with torch.no_grad():
         for i in range(0, len(order), batch_size):
             sel = order[i:i + batch_size]
-            outs = sub(*(values[name][sel] for name in block.inputs))
-            chunks.append(list(outs))
+            outs = sub(*(_on(values[name][sel], device) for name in block.inputs))
+            chunks.append(list(_to_host_if_large(outs, device, len(sel), len(order))))
     # a block output can be a tuple / namedtuple / dict (a model output): join it leaf by leaf
     join = lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0]  # noqa: E731
     return [tree_map(join, *[c[j] for c in chunks]) for j in range(len(chunks[0]))]
 
 
+def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return t if device is None or not isinstance(t, torch.Tensor) else t.to(device, non_blocking=True)
+
+
 def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen, n_train: int,
-                 eval_idx: torch.Tensor, progress) -> tuple[float, float]:
+                 eval_idx: torch.Tensor, progress, shard: distributed.Shard | None = None) -> tuple[float, float]:
+    """``n_train`` / ``eval_idx``: global sample indices (training draws from the first n_train; the block's
+    before/after test runs on eval_idx). Under torch.distributed each rank holds only its shard's values."""
     n_out = len(block.outputs)
+    split = (lambda idx: (idx, idx)) if shard is None else shard.split
+    device = _module_device(sub)
+    layer_w = _on(layer_w, device)
+    profiles = [None if p is None else _on(p, device) for p in profiles]
 
     def block_loss(idx: torch.Tensor) -> torch.Tensor:
-        preds = sub(*(q_vals[name][idx] for name in block.inputs))[n_out:]
-        per_layer = torch.stack([_distance(p, f_targets[j][idx], None if profiles[j] is None else profiles[j][idx])
+        # idx: global sample indices; q_vals / f_targets hold this rank's samples only (all of them in 1 process)
+        g, loc = split(idx)
+        if len(loc) == 0:
+            return torch.zeros(())
+        preds = sub(*(_on(q_vals[name][loc], device) for name in block.inputs))[n_out:]
+        per_layer = torch.stack([_distance(p, _on(f_targets[j][loc], device),
+                                           None if profiles[j] is None else profiles[j][g])
                                  for j, p in enumerate(preds)], 1)
-        return (per_layer * layer_w[idx]).sum(1).mean()
+        weighted = (per_layer * layer_w[g]).sum(1)
+        # under torch.distributed: this rank's share of the global minibatch mean, summed over ranks below
+        return weighted.sum() / len(idx) if distributed.is_active() else weighted.mean()
+
+    def global_loss(idx: torch.Tensor) -> float:
+        return float(distributed.all_sum_(block_loss(idx).detach().reshape(1).clone())[0])
 
     reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
     with torch.no_grad():
-        loss_before = float(block_loss(eval_idx))  # round-to-nearest, the baseline the block must beat
+        loss_before = global_loss(eval_idx)  # round-to-nearest, the baseline the block must beat
     trainer = _Trainer(parts, rc)
     if trainer.opt is not None:
         sub.train()
@@ -227,21 +266,23 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, ge
             idx = torch.randint(0, n_train, (rc.batch_size,), generator=gen)
             loss = block_loss(idx)
             beta = trainer.beta(step)
-            if beta is not None and parts.weight_ops:
+            if beta is not None and parts.weight_ops and distributed.is_lead():  # once, not once per rank
                 loss = loss + trainer.round_loss(beta, reg_w)
             trainer.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # False only on a rank that holds none of this minibatch
+                loss.backward()
+            distributed.all_reduce_grads_(p for g in trainer.opt.param_groups for p in g["params"])
             trainer.opt.step()
         sub.eval()
     trainer.finish()
     with torch.no_grad():
-        loss_after = float(block_loss(eval_idx))
+        loss_after = global_loss(eval_idx)
         if loss_after > loss_before:
             # too few steps to settle the rounding: keep round-to-nearest rather than ship a worse block
             trainer.revert_()
             logger.info("block %d: optimised loss %.4g > round-to-nearest %.4g, kept round-to-nearest",
                         block.index, loss_after, loss_before)
-            loss_after = float(block_loss(eval_idx))
+            loss_after = global_loss(eval_idx)
     return loss_before, loss_after
 
 
@@ -267,7 +308,9 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         rc = dataclasses.replace(rc, train_weight_scale=False, train_act_scale=False)
     t0 = time.perf_counter()
     cps = compare_points(prepared)
-    ckpt = RunCheckpoint.open(resume_dir, prepared, config, calib) if resume_dir else None
+    # rank 0 creates the run directory, the others then check it (same model / config / whole data)
+    ckpt = distributed.lead_first(lambda: RunCheckpoint.open(resume_dir, prepared, config, calib)) \
+        if resume_dir else None
     if hessian is None:
         hessian = estimate_hessian(prepared, calib, config, progress=progress)
     if hessian.weight is not None:
@@ -276,6 +319,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     scores = hessian.scores(calib.n, len(cps))
     if hs is not None:  # for eptq_fx.report
         prepared.meta[HESSIAN_MEAN] = dict(zip(cps, hs.scores.mean(0).tolist()))
+    local, shard = distributed.shard(calib)  # under torchrun: this rank's samples; else all of them
     n_train, hold_idx = _split(calib.n, rc)
     if rc.fallback:
         rtn = snapshot_rtn(prepared)
@@ -289,7 +333,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             last_use[name] = b.index
     # the data's inputs, by placeholder (node) name; an unused optional argument takes no data
     by_target = {n.target: n.name for n in prepared.graph.nodes if n.op == "placeholder"}
-    f_vals = {by_target[t]: x for t, x in zip(input_names(prepared), calib.tensors)}
+    f_vals = {by_target[t]: x for t, x in zip(input_names(prepared), local.tensors)}
     q_vals = dict(f_vals)
     for block in tqdm(blocks, desc="EPTQ blocks", disable=not progress):
         sub = block_subgraph(prepared, block)
@@ -305,12 +349,12 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             profiles = _channel_profiles(hs, parts, cps, rc)
             tb = time.perf_counter()
             before, after = _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen,
-                                         n_train, hold_idx, progress)
+                                         n_train, hold_idx, progress, shard if distributed.is_active() else None)
             q_out = _run(sub, q_vals, block, None)
             logger.info("block %d (%s): loss %.4g -> %.4g, SQNR %.1f dB, %.1f s", block.index,
                         ",".join(block.quant_ops), before, after, _sqnr_db(q_out[n_out:], f_targets),
                         time.perf_counter() - tb)
-            if ckpt is not None:
+            if ckpt is not None and distributed.is_lead():
                 ckpt.save_block(block.index, parts)
         else:
             q_out = _run(sub, q_vals, block, None)

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import CalibSet, materialize
 from eptq_fx.errors import CalibrationDataError
@@ -134,6 +135,7 @@ def calibrate(prepared: fx.GraphModule, calib_data, forward_fn: Callable | None 
         else:
             calib = calib_data if isinstance(calib_data, CalibSet) else \
                 materialize(calib_data, input_names(prepared), max_samples=config.n_calib)
+            calib, _ = distributed.shard(calib)  # under torchrun each rank observes its own samples
             batch_size, n_used = config.calib_batch_size, calib.n
             static = prepared.meta.get(STATIC_BATCH)
             if static is not None:  # an export fixed the batch size: whole batches of exactly that size
@@ -162,6 +164,7 @@ def calibrate(prepared: fx.GraphModule, calib_data, forward_fn: Callable | None 
         if unseen:
             raise CalibrationDataError(f"Calibration never reached the activation quantizer(s) {unseen}; "
                                        f"forward_fn must run the model on each batch.")
+        distributed.merge_observations_(aqs.values())  # every rank sets ranges from all ranks' data
         for q in aqs.values():
             q.finalize_(config.act_range, config.n_grid)
     finally:

@@ -42,7 +42,8 @@ def _emit_weight_op(gm: fx.GraphModule, node: fx.Node, qop: QuantWeightOp, prefi
     w_dtype = torch.int8 if wq.bits <= 8 else container_dtype(wq.qmin, wq.qmax)
     gm.register_buffer(f"{prefix}_weight_int", w_int.to(w_dtype))
     gm.register_buffer(f"{prefix}_weight_scale", wq.scale.detach().clone().float())
-    gm.register_buffer(f"{prefix}_weight_zero_point", torch.zeros(w_int.shape[wq.axis], dtype=torch.int64))
+    gm.register_buffer(f"{prefix}_weight_zero_point", torch.zeros(w_int.shape[wq.axis], dtype=torch.int64,
+                                                                               device=w_int.device))
     if op.bias is not None:
         gm.register_parameter(f"{prefix}_bias", nn.Parameter(op.bias.detach().clone(), requires_grad=False))
     g = gm.graph

@@ -1,0 +1,133 @@
+"""CPU cost of EPTQ at ImageNet size: time of every stage and peak RSS, per model.
+
+    python -m benchmarks.scale --models resnet18 mobilenet_v2 deit_tiny --n-calib 1024 --iters 500
+
+Models are torchvision / timm architectures with random-init weights (timing only, no accuracy), inputs are
+CIFAR-10 (JPEG copy) training images resized to 224×224 with ImageNet normalisation. Stages: capture,
+prepare (BN folding, Q/DQ insertion, weight thresholds), calibration, label-free Hessian, each reconstruction
+block, convert. Peak RSS is the process's high-water mark after each stage (``ru_maxrss``), so run one model
+per process (``--models`` one at a time) for per-model peaks. Results go to benchmarks/results/scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Preprocessing, load_calibration
+from benchmarks.shim import ensure_torchvision_importable
+
+IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+RESULTS = Path(__file__).parent / "results" / "scale.json"
+
+
+def build(name: str) -> torch.nn.Module:
+    ensure_torchvision_importable()
+    torch.manual_seed(0)
+    if name == "deit_tiny":
+        import timm
+        return timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    import torchvision
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def images(n: int) -> torch.Tensor:
+    x = load_calibration("cifar10", IMAGENET, n=n)
+    return F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class _BlockTimes(logging.Handler):
+    """Collects the per-block seconds the reconstruction logs (its last argument)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("block %d (%s)"):
+            self.seconds.append(float(record.args[-1]))
+
+
+def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | None) -> dict:
+    import eptq_fx
+    from eptq_fx.method.hessian_stage import estimate_hessian
+    from eptq_fx.method.reconstruction import reconstruct
+
+    stages: dict[str, float] = {}
+    model, x = build(name), images(n_calib)
+    if threads:  # after the torchvision / timm imports, which can reset the thread count
+        torch.set_num_threads(threads)
+    cache = tempfile.mkdtemp(prefix="eptq_scale_")
+    base = eptq_fx.EPTQConfig(weight_bits=4, act_bits=8, n_calib=n_calib)
+    config = dataclasses.replace(
+        base, hessian=dataclasses.replace(base.hessian, cache_dir=cache, batch_size=hessian_batch),
+        reconstruction=dataclasses.replace(base.reconstruction, iters=iters))
+    t = time.perf_counter()
+    gm = eptq_fx.capture(model, (x[:2],))
+    stages["capture"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prepared = eptq_fx.prepare(gm, config, example_inputs=(x[:2],))
+    stages["prepare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    eptq_fx.calibrate(prepared, x, config=config, progress=False)
+    stages["calibrate"] = time.perf_counter() - t
+    rss = {"after calibrate": peak_rss_gb()}
+    from eptq_fx.data import CalibSet
+    t = time.perf_counter()
+    calib = CalibSet((x,))
+    hessian = estimate_hessian(prepared, calib, config, progress=False)  # its own stage: timed alone
+    stages["hessian"] = time.perf_counter() - t
+    rss["after hessian"] = peak_rss_gb()
+    handler = _BlockTimes()
+    logging.getLogger("eptq_fx.method.reconstruction").addHandler(handler)
+    logging.getLogger("eptq_fx.method.reconstruction").setLevel(logging.INFO)
+    t = time.perf_counter()
+    reconstruct(prepared, calib, config, progress=False, hessian=hessian)
+    stages["reconstruct"] = time.perf_counter() - t
+    rss["after reconstruct"] = peak_rss_gb()
+    t = time.perf_counter()
+    eptq_fx.convert(prepared)
+    stages["convert"] = time.perf_counter() - t
+    return {"model": name, "n_calib": n_calib, "iters": iters, "threads": torch.get_num_threads(),
+            "stages_s": {k: round(v, 2) for k, v in stages.items()},
+            "blocks_s": [round(s, 2) for s in handler.seconds], "peak_rss_gb": {k: round(v, 2) for k, v in rss.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "deit_tiny"])
+    parser.add_argument("--n-calib", type=int, default=1024)
+    parser.add_argument("--iters", type=int, default=500)
+    parser.add_argument("--hessian-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [run(m, args.n_calib, args.iters, args.hessian_batch, args.threads) for m in args.models]
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    keep = [r for r in old if (r["model"], r["n_calib"], r["iters"]) not in
+            {(r["model"], r["n_calib"], r["iters"]) for r in rows}]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(keep + rows, indent=1))
+    tmp.replace(RESULTS)
+    for r in rows:
+        b = r["blocks_s"]
+        print(f"{r['model']}: n={r['n_calib']} iters={r['iters']} stages {r['stages_s']} | {len(b)} blocks, "
+              f"{sum(b):.1f} s total, max {max(b, default=0):.1f} s | peak RSS {r['peak_rss_gb']} GB")
+
+
+if __name__ == "__main__":
+    main()
