@@ -104,9 +104,18 @@ def _container_range(dtype: torch.dtype) -> tuple[int, int]:
     return info.min, info.max
 
 
+def _strip_debug_info_(model) -> None:
+    """Drop what only a debugger reads: per-node metadata (torch's stack traces and module paths, about a third
+    of a small model's file) and the intermediate value_info shapes, which runtimes infer again."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+
+
 def _pack_int4_weights_(model, weights: dict[str, tuple[int, int]]) -> int:
     """Re-store the int8 initialisers of ≤ 4-bit weights (and their zero points) as INT4; returns how many."""
-    import onnx
+    import ml_dtypes  # a dependency of onnx: numpy's int4, which numpy_helper stores as packed raw bytes
     from onnx import numpy_helper
 
     narrow = {k for k, (qmin, qmax) in weights.items() if _INT4[0] <= qmin and qmax <= _INT4[1]}
@@ -119,13 +128,12 @@ def _pack_int4_weights_(model, weights: dict[str, tuple[int, int]]) -> int:
         w = numpy_helper.to_array(w_init)
         if w.dtype != np.int8 or w.min() < _INT4[0] or w.max() > _INT4[1]:
             continue  # not the int8 buffer we expect: leave it as it is rather than guess
-        new_w = onnx.helper.make_tensor(w_init.name, onnx.TensorProto.INT4, w.shape, w.flatten().tolist())
-        w_init.CopyFrom(new_w)
+        # from_array packs two values per byte; helper.make_tensor would store one value per int32 varint
+        w_init.CopyFrom(numpy_helper.from_array(w.astype(ml_dtypes.int4), w_init.name))
         if len(node.input) > 2 and node.input[2]:  # zero points are shared between nodes: give this one its own
             zp = numpy_helper.to_array(inits[node.input[2]])
             name = f"{w_init.name}_zero_point_int4"
-            model.graph.initializer.append(
-                onnx.helper.make_tensor(name, onnx.TensorProto.INT4, zp.shape, zp.flatten().tolist()))
+            model.graph.initializer.append(numpy_helper.from_array(zp.astype(ml_dtypes.int4), name))
             node.input[2] = name
         packed += 1
     used = {i for n in model.graph.node for i in n.input}
@@ -153,6 +161,7 @@ def export_onnx(quantized_gm: fx.GraphModule, example_inputs, path: PathLike, dy
                                      opset_version=opset)
     model = onnx_program.model_proto
     n_packed = _pack_int4_weights_(model, weights)
+    _strip_debug_info_(model)
     onnx.checker.check_model(model)
     path = write_atomically(Path(path), lambda tmp: onnx.save_model(model, tmp))
     logger.info("saved the ONNX model to %s (opset %d, %d INT4 weight tensors)", path, opset, n_packed)
