@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.fx as fx
 
+from eptq_fx.atomic_io import write_atomically
 from eptq_fx.errors import ConfigError
 from eptq_fx.graph.meta import BLOCK, LAYER_QUANT, RUN_RECORD
 
@@ -120,15 +119,7 @@ def report(quantized: torch.nn.Module) -> dict:
 
 def write_report(rep: dict, path: str | Path) -> None:
     """Write ``rep`` as JSON atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rep, f, indent=1, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(rep, indent=1, default=str)))
 
 
 def read_report(path: str | Path) -> dict:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from eptq_fx import ConfigError
-from eptq_fx.cli import load_calibration, load_model, main
+from eptq_fx.cli import main
+from eptq_fx.cli_inputs import load_calibration, load_model
 from eptq_fx.export import load
 from examples import demo
 from examples.demo import DemoResult, accuracy, digits_model, digits_split, format_table, parse_bits, run_demo
@@ -345,7 +346,7 @@ def test_verbose_shows_our_logs_only(workdir, capsys):
 
 
 def test_parse_override_and_leaf():
-    from eptq_fx.cli import parse_leaf, parse_override, parse_weight_memory
+    from eptq_fx.cli_inputs import parse_leaf, parse_override, parse_weight_memory
 
     o = parse_override("name=layer1.0.conv1:w=8,a=none")
     assert o.name == "layer1.0.conv1" and o.weight_bits == 8 and o.act_bits is None

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import fx
 
+from eptq_fx.atomic_io import write_atomically
 from eptq_fx.errors import ModelError
-from eptq_fx.export._atomic import write_atomically
 from eptq_fx.export.program import export
 
 logger = logging.getLogger(__name__)

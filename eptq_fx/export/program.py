@@ -15,8 +15,8 @@ import torch
 import torch.ao.quantization.fx._decomposed
 from torch import fx
 
+from eptq_fx.atomic_io import write_atomically
 from eptq_fx.errors import ModelError
-from eptq_fx.export._atomic import write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from eptq_fx.atomic_io import write_atomically
 from eptq_fx.errors import ArtifactError
-from eptq_fx.export._atomic import write_atomically
 from eptq_fx.export.program import example_like, export
 
 logger = logging.getLogger(__name__)
