@@ -113,6 +113,26 @@ def _strip_debug_info_(model) -> None:
     del model.graph.value_info[:]
 
 
+def _compact_names_(model) -> None:
+    """Short names for what the exporter named after its own traced values (node names and intermediate
+    tensors, ~60 bytes per node); graph inputs, outputs and initialisers (the model's parameter names) keep
+    theirs. About 2 % of a ResNet-20 int8 file, 4 % of its int4 one. A graph with control-flow subgraphs keeps
+    its names (their bodies may refer to outer values by name)."""
+    if any(a.type in (5, 10) for node in model.graph.node for a in node.attribute):  # GRAPH / GRAPHS
+        return
+    keep = {v.name for v in (*model.graph.input, *model.graph.output)} | {i.name for i in model.graph.initializer}
+    rename: dict[str, str] = {}
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in keep:
+                rename[out] = f"t{len(rename)}"
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+        for seq in (node.input, node.output):
+            for j, name in enumerate(seq):
+                seq[j] = rename.get(name, name)
+
+
 def _pack_int4_weights_(model, weights: dict[str, tuple[int, int]]) -> int:
     """Re-store the int8 initialisers of ≤ 4-bit weights (and their zero points) as INT4; returns how many."""
     import ml_dtypes  # a dependency of onnx: numpy's int4, which numpy_helper stores as packed raw bytes
@@ -130,11 +150,14 @@ def _pack_int4_weights_(model, weights: dict[str, tuple[int, int]]) -> int:
             continue  # not the int8 buffer we expect: leave it as it is rather than guess
         # from_array packs two values per byte; helper.make_tensor would store one value per int32 varint
         w_init.CopyFrom(numpy_helper.from_array(w.astype(ml_dtypes.int4), w_init.name))
-        if len(node.input) > 2 and node.input[2]:  # zero points are shared between nodes: give this one its own
+        if len(node.input) > 2 and node.input[2]:
             zp = numpy_helper.to_array(inits[node.input[2]])
-            name = f"{w_init.name}_zero_point_int4"
-            model.graph.initializer.append(numpy_helper.from_array(zp.astype(ml_dtypes.int4), name))
-            node.input[2] = name
+            if not zp.any():  # symmetric weights: an absent zero point is 0 and takes no bytes
+                del node.input[2]
+            else:  # zero points are shared between nodes: give this one its own
+                name = f"{w_init.name}_zero_point_int4"
+                model.graph.initializer.append(numpy_helper.from_array(zp.astype(ml_dtypes.int4), name))
+                node.input[2] = name
         packed += 1
     used = {i for n in model.graph.node for i in n.input}
     unused = [i for i in model.graph.initializer if i.name not in used]  # int8 zero points now replaced
@@ -144,11 +167,13 @@ def _pack_int4_weights_(model, weights: dict[str, tuple[int, int]]) -> int:
 
 
 def export_onnx(quantized_gm: fx.GraphModule, example_inputs, path: PathLike, dynamic_batch: bool = True,
-                opset_version: int | None = None) -> Path:
+                opset_version: int | None = None, keep_names: bool = False) -> Path:
     """Write the converted model as an ONNX QDQ model (QuantizeLinear / DequantizeLinear around float ops).
 
     Activations below 8 bits are clamped to their range exactly as in torch, weights of ≤ 4 bits are stored as
-    INT4, 9..16-bit widths as int16 (all opset 21, the default). Returns the written path; the file is written
+    INT4, 9..16-bit widths as int16 (all opset 21, the default). ``keep_names=True`` keeps the exporter's node
+    and intermediate tensor names (named after the traced torch values, for debugging) instead of short ones.
+    Returns the written path; the file is written
     atomically, and nothing is written when the model cannot be represented."""
     _require_onnx()
     import onnx
@@ -162,6 +187,8 @@ def export_onnx(quantized_gm: fx.GraphModule, example_inputs, path: PathLike, dy
     model = onnx_program.model_proto
     n_packed = _pack_int4_weights_(model, weights)
     _strip_debug_info_(model)
+    if not keep_names:
+        _compact_names_(model)
     onnx.checker.check_model(model)
     path = write_atomically(Path(path), lambda tmp: onnx.save_model(model, tmp))
     logger.info("saved the ONNX model to %s (opset %d, %d INT4 weight tensors)", path, opset, n_packed)
