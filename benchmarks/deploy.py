@@ -4,7 +4,9 @@
 
 For each model: float eager, float ``torch.compile``, torchao PT2E X86InductorQuantizer int8 compiled (freezing
 on, as PT2E's Inductor recipe asks), eptq_fx W8A8 through ``compile_for_inductor``, ONNX Runtime on the float
-model and on eptq_fx W8A8 / W4A8 / W4A4 (RTN, 256 calibration images). Latencies are medians over interleaved
+model, on PT2E's int8 program through torch.onnx (where that exports) and on eptq_fx W8A8 / W4A8 / W4A4 (RTN, 256
+calibration images); eptq_fx W8A8 also with the other activation placement (``act_placement="fusable"``) in
+Inductor and ORT. Latencies are medians over interleaved
 rounds (every runtime timed once per round, in turn), so load from other processes on a shared machine hits all
 of them alike: read the ratios, not the absolute times. Agreement: top-1 agreement with the reference
 GraphModule (the eptq_fx GraphModule of the same bits; float eager for the float runtimes; the PT2E program run
@@ -88,33 +90,45 @@ def build_runtimes(name: str, threads: int, workdir: Path) -> tuple[dict, dict, 
     for w, a in ((8, 8), (4, 8), (4, 4)):
         cfg = EPTQConfig(method="rtn", weight_bits=w, act_bits=a, n_calib=256)
         quantized[(w, a)] = eptq_fx.quantize(model, calib, cfg, progress=False)
+    # the other placement: Q/DQ also on conv/linear outputs that feed an add (what int8 backends fuse)
+    fusable = eptq_fx.quantize(model, calib, EPTQConfig(method="rtn", n_calib=256, act_placement="fusable"),
+                               progress=False)
     try:
         pt2e = _pt2e_int8(model, calib)
         rt["PT2E int8 eager"] = pt2e
-        info["PT2E int8 eager"] = {"ref": "PT2E int8 eager", "size": None}
+        info["PT2E int8 eager"] = {"ref": "PT2E int8 eager", "size": _pt2_size(pt2e, example)}
         rt["PT2E int8 compile (freezing)"] = compile_for_inductor(pt2e, allow_saturation=True)  # same recipe
-        info["PT2E int8 compile (freezing)"] = {"ref": "PT2E int8 eager", "size": None}
+        info["PT2E int8 compile (freezing)"] = {"ref": "PT2E int8 eager", "size": info["PT2E int8 eager"]["size"]}
     except Exception as e:  # torchao missing or failing: the row says so
+        pt2e = None
         info["PT2E int8 compile (freezing)"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    rt["eptq_fx W8A8 GraphModule"] = quantized[(8, 8)]
-    info["eptq_fx W8A8 GraphModule"] = {"ref": "eptq_fx W8A8 GraphModule",
-                                        "size": _pt2_size(quantized[(8, 8)], example)}
-    # on a CPU without VNNI these 8-bit weights saturate in oneDNN: measured anyway, the agreement shows it
-    rt["eptq_fx W8A8 compile_for_inductor"] = compile_for_inductor(quantized[(8, 8)], allow_saturation=True)
-    info["eptq_fx W8A8 compile_for_inductor"] = {"ref": "eptq_fx W8A8 GraphModule",
-                                                 "size": info["eptq_fx W8A8 GraphModule"]["size"]}
+    for label, q in (("W8A8", quantized[(8, 8)]), ("W8A8 fusable", fusable)):
+        key = f"eptq_fx {label} GraphModule"
+        rt[key], info[key] = q, {"ref": key, "size": _pt2_size(q, example)}
+        # on a CPU without VNNI these 8-bit weights saturate in oneDNN: measured anyway, the agreement shows it
+        rt[f"eptq_fx {label} compile_for_inductor"] = compile_for_inductor(q, allow_saturation=True)
+        info[f"eptq_fx {label} compile_for_inductor"] = {"ref": key, "size": info[key]["size"]}
     float_onnx = workdir / f"{name}_float.onnx"
     torch.onnx.export(model, (example,), str(float_onnx), dynamo=True, external_data=False,
                       dynamic_shapes=({0: torch.export.Dim("batch")},))
     rt["ORT float"] = _ort_session(float_onnx, threads)
     info["ORT float"] = {"ref": "float eager", "size": float_onnx.stat().st_size}
-    for (w, a), q in quantized.items():
-        key = f"eptq_fx W{w}A{a} GraphModule"
+    if pt2e is not None:  # PT2E's own int8 program through torch.onnx, where that exports
+        try:
+            pt2e_onnx = workdir / f"{name}_pt2e.onnx"
+            torch.onnx.export(pt2e, (example,), str(pt2e_onnx), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+            rt["ORT PT2E int8 (torch.onnx)"] = _ort_session(pt2e_onnx, threads)
+            info["ORT PT2E int8 (torch.onnx)"] = {"ref": "PT2E int8 eager", "size": pt2e_onnx.stat().st_size}
+        except Exception as e:
+            info["ORT PT2E int8 (torch.onnx)"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    for label, q in [(f"W{w}A{a}", q) for (w, a), q in quantized.items()] + [("W8A8 fusable", fusable)]:
+        key = f"eptq_fx {label} GraphModule"
         if key not in rt:
             rt[key], info[key] = q, {"ref": key, "size": None}
-        path = eptq_fx.export_onnx(q, (example,), workdir / f"{name}_w{w}a{a}.onnx")
-        rt[f"ORT eptq_fx W{w}A{a}"] = _ort_session(path, threads)
-        info[f"ORT eptq_fx W{w}A{a}"] = {"ref": key, "size": path.stat().st_size}
+        path = eptq_fx.export_onnx(q, (example,), workdir / f"{name}_{label.replace(' ', '_')}.onnx")
+        rt[f"ORT eptq_fx {label}"] = _ort_session(path, threads)
+        info[f"ORT eptq_fx {label}"] = {"ref": key, "size": path.stat().st_size}
     return rt, info, x_test, y_test
 
 

@@ -15,7 +15,8 @@ from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 
 # the ablations of the EPTQ issue (same seed, same data): uniform weights, network-wise (with Hessian weights or
 # uniform ones), HMSE thresholds, per-sample-per-channel Hessian weights
-ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl")
+ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl",
+             "eptq_block", "eptq_qdrop", "eptq_block_qdrop")
 OURS = ("rtn", "eptq", "eptq_fast", *ABLATIONS)
 NETWORK_ITERS = 2000  # network-wise steps (each one a full forward/backward of the model)
 METHODS = ("float", *OURS, *PEER_MODULES)
@@ -51,6 +52,10 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
         rc["hessian_weighting"] = False
     elif method == "eptq_channel":
         rc["hessian_per_channel"] = True
+    if method in ("eptq_block", "eptq_block_qdrop"):  # BRECQ's target: the block's output
+        rc["target"] = "block"
+    if method in ("eptq_qdrop", "eptq_block_qdrop"):  # QDrop: each activation kept float with probability 0.5
+        rc["qdrop"] = 0.5
     if method in ("eptq_network", "eptq_network_uniform"):
         rc.update(granularity="network", iters=iters or NETWORK_ITERS)
     reconstruction = ReconstructionConfig(**rc)

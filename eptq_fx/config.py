@@ -121,11 +121,22 @@ class HessianConfig:
         _check_choice("HessianConfig.output_metric", self.output_metric, ("identity", "softmax"))
 
 
+class Target(str, enum.Enum):
+    """What each block's reconstruction matches to the float model. ``LAYERS``: the output of every quantized
+    layer in the block (AdaRound's per-layer distance, summed). ``BLOCK``: the block's own outputs, after
+    everything that follows its layers up to the next block (nonlinearities, an unfolded BatchNorm, the
+    residual add), as BRECQ / QDrop do, so the layers of a block may trade errors that cancel downstream."""
+
+    LAYERS = "layers"
+    BLOCK = "block"
+
+
 @dataclass(frozen=True)
 class ReconstructionConfig:
     """AdaRound-style reconstruction settings (paper-code defaults where the paper states them)."""
 
     granularity: Granularity = "block"
+    target: Target = Target.LAYERS
     iters: int = 500  # optimisation steps per block (network mode: in total); ~2 min for ResNet-20 on 2 cores
     batch_size: int = 32
     lr_round: float = 1e-2
@@ -153,6 +164,11 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         _check_choice("ReconstructionConfig.granularity", self.granularity, ("layer", "block", "network"))
+        try:
+            object.__setattr__(self, "target", Target(self.target))
+        except ValueError:
+            raise ConfigError(f"ReconstructionConfig.target must be one of {', '.join(t.value for t in Target)}, "
+                              f"got {self.target!r}.") from None
         _check_positive("ReconstructionConfig.iters", self.iters)
         _check_positive("ReconstructionConfig.batch_size", self.batch_size)
         for n in ("lr_round", "lr_bias", "lr_scale", "beta_start", "beta_end"):

@@ -14,7 +14,9 @@ from eptq_fx.errors import ConfigError
 from eptq_fx.graph.passes.qdq_insertion import weight_ops
 from eptq_fx.method import reconstruction as R
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
-from eptq_fx.numerics.calibration import calibrate
+from eptq_fx.graph.meta import BLOCKS
+from eptq_fx.graph.passes.block_schedule import schedule_blocks
+from eptq_fx.numerics.calibration import calibrate, quant_disabled
 from examples.models import example_input, make_model
 
 CFG = EPTQConfig(weight_bits=4, act_bits=4, first_last_8bit=False, n_calib=128, seed=0,
@@ -100,3 +102,51 @@ def test_training_never_sees_the_held_out_samples(monkeypatch):
 def test_holdout_validated():
     with pytest.raises(ConfigError, match="fallback_holdout"):
         ReconstructionConfig(fallback_holdout=0.9)
+
+
+def _float_values(prepared, x, names):
+    """The float model's value at each named node for the samples x (an independent fx Interpreter run)."""
+    vals = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names:
+                vals[n.name] = out
+            return out
+
+    with torch.no_grad(), quant_disabled(prepared):
+        Recorder(prepared).run(x)
+    return vals
+
+
+def test_block_target_matches_block_outputs_not_layer_outputs(monkeypatch):
+    """Target.BLOCK: every distance is taken against the float model's value at a block output (after the
+    residual add / ReLU that follow the block's convs), never at a conv output; the per-layer target does the
+    opposite; the solutions differ."""
+    model, x = make_model("tiny_resnet"), example_input("tiny_resnet", batch_size=128, seed=3)
+    real = R._distance
+
+    def run(target):
+        seen = []
+        monkeypatch.setattr(R, "_distance", lambda p, t, prof=None: seen.append(t[0].clone()) or real(p, t, prof))
+        cfg = dataclasses.replace(CFG, reconstruction=dataclasses.replace(CFG.reconstruction, target=target))
+        prepared = _calibrated(model, x, cfg)
+        schedule_blocks(prepared, cfg.reconstruction.granularity)  # as reconstruct will
+        blocks = prepared.meta[BLOCKS]
+        outs = {n for b in blocks for n in b.outputs}
+        layers = {n for b in blocks for n in b.quant_ops} - outs
+        vals = _float_values(prepared, x, outs | layers)  # before reconstruction trains the biases
+        R.reconstruct(prepared, CalibSet((x,)), cfg, progress=False)
+        hits = lambda row, names: any(v.shape[1:] == row.shape and torch.isclose(  # noqa: E731
+            v, row.unsqueeze(0), rtol=1e-4, atol=1e-5).flatten(1).all(1).any() for k, v in vals.items() if k in names)
+        return prepared, [(hits(t, outs), hits(t, layers)) for t in seen]
+
+    blk, seen_blk = run("block")
+    assert seen_blk and all(o and not lay for o, lay in seen_blk)
+    lay, seen_lay = run("layers")
+    assert any(lay_hit and not o for o, lay_hit in seen_lay)
+    with torch.no_grad():
+        assert not torch.equal(blk(x), lay(x))
+    with pytest.raises(ConfigError, match="target must be one of"):
+        ReconstructionConfig(target="output")

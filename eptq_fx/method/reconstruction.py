@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
 from eptq_fx import distributed
-from eptq_fx.config import EPTQConfig, ReconstructionConfig
+from eptq_fx.config import EPTQConfig, ReconstructionConfig, Target
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
 from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
@@ -229,14 +229,36 @@ def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return t if device is None or not isinstance(t, torch.Tensor) else t.to(device, non_blocking=True)
 
 
-def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen, n_train: int,
+def _float_leaves(values) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _loss_terms(block: Block, parts: BlockParts, f_out: list, layer_w: torch.Tensor, profiles: list,
+                rc: ReconstructionConfig):
+    """What the block's loss compares, by ``rc.target``: (pick(outputs) -> predictions, float targets,
+    (N, K) per-sample weights, per-term channel profiles, rounding-regulariser weight per weight op)."""
+    n_out = len(block.outputs)
+    if rc.target is Target.BLOCK:
+        targets = _float_leaves(f_out[:n_out])
+        if targets:
+            # the block output's distance stands for all of its layers: one term, uniform over samples
+            # (the layers' per-sample Hessian scores weigh errors at their own outputs, not here)
+            n = targets[0].shape[0]
+            return (lambda outs: _float_leaves(outs[:n_out])), targets, torch.ones(n, len(targets)), \
+                [None] * len(targets), torch.ones(len(parts.weight_pos))
+    return (lambda outs: outs[n_out:]), f_out[n_out:], layer_w, profiles, None
+
+
+def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n_train: int,
                  eval_idx: torch.Tensor, progress, shard: distributed.Shard | None = None) -> tuple[float, float]:
     """``n_train`` / ``eval_idx``: global sample indices (training draws from the first n_train; the block's
     before/after test runs on eval_idx). Under torch.distributed each rank holds only its shard's values."""
-    n_out = len(block.outputs)
     split = (lambda idx: (idx, idx)) if shard is None else shard.split
     device = _module_device(sub)
-    layer_w = _on(layer_w, device)
+    pick, f_targets, term_w, profiles, reg_w = _loss_terms(block, parts, f_out, layer_w, profiles, rc)
+    if reg_w is None:
+        reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
+    term_w = _on(term_w, device)
     profiles = [None if p is None else _on(p, device) for p in profiles]
 
     def block_loss(idx: torch.Tensor) -> torch.Tensor:
@@ -244,18 +266,17 @@ def _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, ge
         g, loc = split(idx)
         if len(loc) == 0:
             return torch.zeros(())
-        preds = sub(*(_on(q_vals[name][loc], device) for name in block.inputs))[n_out:]
-        per_layer = torch.stack([_distance(p, _on(f_targets[j][loc], device),
-                                           None if profiles[j] is None else profiles[j][g])
-                                 for j, p in enumerate(preds)], 1)
-        weighted = (per_layer * layer_w[g]).sum(1)
+        preds = pick(sub(*(_on(q_vals[name][loc], device) for name in block.inputs)))
+        per_term = torch.stack([_distance(p, _on(f_targets[j][loc], device),
+                                          None if profiles[j] is None else profiles[j][g])
+                                for j, p in enumerate(preds)], 1)
+        weighted = (per_term * term_w[g]).sum(1)
         # under torch.distributed: this rank's share of the global minibatch mean, summed over ranks below
         return weighted.sum() / len(idx) if distributed.is_active() else weighted.mean()
 
     def global_loss(idx: torch.Tensor) -> float:
         return float(distributed.all_sum_(block_loss(idx).detach().reshape(1).clone())[0])
 
-    reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
     with torch.no_grad():
         loss_before = global_loss(eval_idx)  # round-to-nearest, the baseline the block must beat
     trainer = _Trainer(parts, rc)
@@ -348,7 +369,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             layer_w = _layer_weights(scores, parts, rc, [t[0].numel() for t in f_targets])
             profiles = _channel_profiles(hs, parts, cps, rc)
             tb = time.perf_counter()
-            before, after = _train_block(sub, block, parts, q_vals, f_targets, layer_w, profiles, rc, gen,
+            before, after = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen,
                                          n_train, hold_idx, progress, shard if distributed.is_active() else None)
             q_out = _run(sub, q_vals, block, None)
             logger.info("block %d (%s): loss %.4g -> %.4g, SQNR %.1f dB, %.1f s", block.index,
