@@ -32,7 +32,7 @@ from benchmarks.common import (
     load_test,
     peak_rss_mib,
 )
-from benchmarks.methods import METHODS, Budget, parse_bits, quantize_with
+from benchmarks.methods import METHODS, Budget, eptq_options, parse_bits, quantize_with
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 RESULT_KEYS = ("model", "dataset", "method", "bits", "status", "reason", "top1", "n_calib", "n_test", "quick",
@@ -180,7 +180,7 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "float"]
     bit_settings = [b.strip().upper() for b in args.bits.split(",") if b.strip()]
     for m in methods:
-        if m not in METHODS:
+        if m not in METHODS and eptq_options(m) is None:
             raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     for b in bit_settings:
         parse_bits(b)

@@ -14,10 +14,34 @@ import torch.nn as nn
 from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 
 # the ablations of the EPTQ issue (same seed, same data): uniform weights, network-wise (with Hessian weights or
-# uniform ones), HMSE thresholds, per-sample-per-channel Hessian weights
+# uniform ones), HMSE thresholds, per-sample-per-channel Hessian weights, ... Any "eptq+opt1+opt2" combines the
+# options of VARIANTS; the underscore names are the ones earlier rows were recorded under.
+VARIANTS = {
+    "uniform": {"hessian_weighting": False},  # no Hessian: every sample and layer weighs 1
+    "channel": {"hessian_per_channel": True},  # per-sample, per-channel Hessian weights
+    "block": {"target": "block"},  # BRECQ's target: the block's outputs
+    "qdrop": {"qdrop": 0.5},  # QDrop: each activation kept float with probability 0.5 while training
+    "network": {"granularity": "network"},  # one block: the whole network
+    "hmse": {},  # Hessian-weighted MSE weight thresholds (an EPTQConfig option, below)
+    "kl": {},  # the Hessian of the KL to the model's own softmax (a HessianConfig option, below)
+    "fast": {},  # EPTQ_FAST_ITERS steps per block
+}
 ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl",
              "eptq_block", "eptq_qdrop", "eptq_block_qdrop")
 OURS = ("rtn", "eptq", "eptq_fast", *ABLATIONS)
+
+
+def eptq_options(method: str) -> set[str] | None:
+    """The VARIANTS options of an EPTQ method name ("eptq", "eptq_uniform", "eptq+uniform+qdrop"), or None
+    when ``method`` is not one of ours."""
+    if method in OURS and method != "rtn":
+        return set(method.split("_")[1:])
+    if method.startswith("eptq+"):
+        opts = set(method.split("+")[1:])
+        return opts if opts <= VARIANTS.keys() else None
+    return None
+
+
 NETWORK_ITERS = 2000  # network-wise steps (each one a full forward/backward of the model)
 METHODS = ("float", *OURS, *PEER_MODULES)
 
@@ -40,28 +64,25 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
 
     # cache_dir=None: every run pays for its own Hessian, so wall times compare like for like.
     # eptq_kl: the Hessian of the KL divergence to the model's own softmax instead of tr(JᵀJ) of the logits
-    hessian = HessianConfig(cache_dir=None, output_metric="softmax" if method == "eptq_kl" else "identity")
+    hessian = HessianConfig(cache_dir=None)
     iters = budget.eptq_iters
+    opts = eptq_options(method) or set()
+    if "kl" in opts:
+        hessian = dataclasses.replace(hessian, output_metric="softmax")
     if budget.quick:
         hessian = dataclasses.replace(hessian, max_probes=10, min_probes=2, weight_samples=16, weight_probes=4)
         iters = iters or 20
-    elif method == "eptq_fast":
+    elif "fast" in opts:
         iters = iters or EPTQ_FAST_ITERS
     rc = {} if iters is None else {"iters": iters}
-    if method in ("eptq_uniform", "eptq_network_uniform"):
-        rc["hessian_weighting"] = False
-    elif method == "eptq_channel":
-        rc["hessian_per_channel"] = True
-    if method in ("eptq_block", "eptq_block_qdrop"):  # BRECQ's target: the block's output
-        rc["target"] = "block"
-    if method in ("eptq_qdrop", "eptq_block_qdrop"):  # QDrop: each activation kept float with probability 0.5
-        rc["qdrop"] = 0.5
-    if method in ("eptq_network", "eptq_network_uniform"):
-        rc.update(granularity="network", iters=iters or NETWORK_ITERS)
+    for opt in sorted(opts):
+        rc.update(VARIANTS[opt])
+    if "network" in opts:
+        rc["iters"] = iters or NETWORK_ITERS
     reconstruction = ReconstructionConfig(**rc)
     return EPTQConfig(weight_bits=w_bits, act_bits=a_bits, method="rtn" if method == "rtn" else "eptq",
                       n_calib=n_calib, hessian=hessian, reconstruction=reconstruction, seed=budget.seed,
-                      weight_range="hmse" if method == "eptq_hmse" else "mse")
+                      weight_range="hmse" if "hmse" in opts else "mse")
 
 
 def quantize_with(method: str, model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int,
@@ -69,7 +90,7 @@ def quantize_with(method: str, model: nn.Module, calib: torch.Tensor, w_bits: in
     """A quantized model for ``method`` (or ``PeerRun.model = None`` with the reason a peer gives)."""
     if method == "float":
         return PeerRun(model)
-    if method in OURS:
+    if method == "rtn" or eptq_options(method) is not None:
         import eptq_fx
 
         config = _eptq_config(method, w_bits, a_bits, len(calib), budget)

@@ -15,7 +15,7 @@ from eptq_fx.graph.passes.qdq_insertion import weight_ops
 from eptq_fx.method import reconstruction as R
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
 from eptq_fx.graph.meta import BLOCKS
-from eptq_fx.graph.passes.block_schedule import schedule_blocks
+from eptq_fx.graph.passes.block_schedule import plan_blocks, schedule_blocks
 from eptq_fx.numerics.calibration import calibrate, quant_disabled
 from examples.models import example_input, make_model
 
@@ -150,3 +150,24 @@ def test_block_target_matches_block_outputs_not_layer_outputs(monkeypatch):
         assert not torch.equal(blk(x), lay(x))
     with pytest.raises(ConfigError, match="target must be one of"):
         ReconstructionConfig(target="output")
+
+
+def test_block_target_weighs_samples_by_the_hessian_at_block_outputs():
+    """Under Target.BLOCK the Hessian stage also scores the block outputs (not the model output, where J = I),
+    and reconstruction consumes those per-sample scores: dropping them changes the solution."""
+    cfg = dataclasses.replace(CFG, reconstruction=dataclasses.replace(CFG.reconstruction, target="block"))
+    model, x = make_model("tiny_resnet"), example_input("tiny_resnet", batch_size=128, seed=3)
+    a = _calibrated(model, x, cfg)
+    est = estimate_hessian(a, CalibSet((x,)), cfg, progress=False)
+    blocks = plan_blocks(a, "block")
+    outs = [n for b in blocks for n in b.outputs]
+    assert est.block_outputs is not None and set(est.block_outputs.names) <= set(outs)
+    assert set(est.block_outputs.names).isdisjoint(est.activation.names)
+    assert est.block_outputs.scores.shape == (128, len(est.block_outputs.names))
+    assert bool((est.block_outputs.scores > 0).all())
+    assert float(est.block_outputs.scores.std(0).min()) > 0  # varies over samples: the weights can matter
+    R.reconstruct(a, CalibSet((x,)), cfg, progress=False, hessian=est)
+    b = _calibrated(model, x, cfg)
+    R.reconstruct(b, CalibSet((x,)), cfg, progress=False, hessian=dataclasses.replace(est, block_outputs=None))
+    with torch.no_grad():
+        assert not torch.equal(a(x), b(x))

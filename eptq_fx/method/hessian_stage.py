@@ -6,14 +6,16 @@ scores (and the uniform-weight ablation is simply an estimate without activation
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from eptq_fx import distributed
-from eptq_fx.config import EPTQConfig
+from eptq_fx.config import EPTQConfig, Target
 from eptq_fx.data import CalibSet
+from eptq_fx.graph.passes.block_schedule import plan_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
 from eptq_fx.method.weight_hessian import weight_hessian
@@ -28,6 +30,8 @@ class HessianEstimate:
 
     activation: HessianScores | None
     weight: dict[str, torch.Tensor] | None
+    # Target.BLOCK: scores of the block outputs that are not compare points themselves (same probes)
+    block_outputs: HessianScores | None = None
 
     def scores(self, n_samples: int, n_points: int) -> torch.Tensor:
         """(N, L) per-sample, per-compare-point scores; all ones for uniform weights."""
@@ -48,17 +52,47 @@ def estimate_hessian(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConf
     if distributed.is_active():  # a cache entry would hold one shard's scores
         hc = dataclasses.replace(hc, cache_dir=None)
     with quant_disabled(prepared):
+        blk = None
         if rc.hessian_weighting:
-            act = label_free_hessian(prepared, compare_points(prepared), local, hc, seed=config.seed,
+            cps = compare_points(prepared)
+            extra = _block_output_points(prepared, config, cps)
+            act = label_free_hessian(prepared, cps + extra, local, hc, seed=config.seed,
                                      per_channel=rc.hessian_per_channel, progress=progress)
             if distributed.is_active():  # every rank holds the scores of all samples, in global order
                 act = HessianScores(act.names, distributed.gather_rows(act.scores),
                                     int(distributed.gather_rows(torch.tensor([act.n_probes])).max()),
                                     None if act.per_channel is None else
                                     {k: distributed.gather_rows(v) for k, v in act.per_channel.items()})
+            if extra:
+                act, blk = _columns(act, cps), _columns(act, extra)
         if config.weight_range == "hmse":
             names = list(weight_ops(prepared))
             full = weight_hessian(prepared, [f"{n}.op" for n in names], calib, config.hessian, seed=config.seed,
                                   progress=progress)
             wh = {n: full[f"{n}.op"] for n in names}
-    return HessianEstimate(act, wh)
+    return HessianEstimate(act, wh, blk)
+
+
+def _block_output_points(prepared: fx.GraphModule, config: EPTQConfig, cps: list[str]) -> list[str]:
+    """Under Target.BLOCK, the block outputs to score besides the compare points: single tensors (not tuples,
+    which reach their users through getitem) that do not feed the model output directly (there J = I and the
+    score is the same for every sample)."""
+    rc = config.reconstruction
+    if rc.target is not Target.BLOCK:
+        return []
+    by_name = {n.name: n for n in prepared.graph.nodes}
+    names = []
+    for block in plan_blocks(prepared, rc.granularity):
+        for name in block.outputs:
+            users = by_name[name].users
+            if name in cps or name in names or any(u.op == "output" for u in users) or \
+                    any(u.target is operator.getitem for u in users):
+                continue
+            names.append(name)
+    return names
+
+
+def _columns(scores: HessianScores, names: list[str]) -> HessianScores:
+    idx = [scores.names.index(n) for n in names]
+    per_channel = None if scores.per_channel is None else {n: scores.per_channel[n] for n in names}
+    return HessianScores(list(names), scores.scores[:, idx], scores.n_probes, per_channel)

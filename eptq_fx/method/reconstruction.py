@@ -229,33 +229,44 @@ def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return t if device is None or not isinstance(t, torch.Tensor) else t.to(device, non_blocking=True)
 
 
-def _float_leaves(values) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+def _block_output_weights(block: Block, n: int, hs: HessianScores | None, rc: ReconstructionConfig):
+    """Under Target.BLOCK: (N, K) per-sample weights of the block's K outputs, each the sample's label-free
+    Hessian trace at that output over its mean (so a term keeps its scale; ones where no score exists: a tuple
+    or the model output itself, where J = I), and their per-channel profiles (``hessian_per_channel``)."""
+    cols, profiles = [], []
+    for name in block.outputs:
+        s = None if hs is None or name not in hs.names else hs.scores[:, hs.names.index(name)]
+        mean = None if s is None else float(s.mean())
+        cols.append(torch.ones(n) if not mean or mean <= 0 else s / mean)
+        c = None if hs is None or hs.per_channel is None or not rc.hessian_per_channel else hs.per_channel.get(name)
+        if c is not None and c.shape[1] > 1:
+            cm = c.mean(1, keepdim=True)
+            c = torch.where(cm > 0, c / cm.clamp_min(1e-30), 1.0)
+        profiles.append(c if c is not None and c.shape[1] > 1 else None)
+    return torch.stack(cols, 1), profiles
 
 
 def _loss_terms(block: Block, parts: BlockParts, f_out: list, layer_w: torch.Tensor, profiles: list,
-                rc: ReconstructionConfig):
+                rc: ReconstructionConfig, block_hs: HessianScores | None = None):
     """What the block's loss compares, by ``rc.target``: (pick(outputs) -> predictions, float targets,
     (N, K) per-sample weights, per-term channel profiles, rounding-regulariser weight per weight op)."""
     n_out = len(block.outputs)
-    if rc.target is Target.BLOCK:
-        targets = _float_leaves(f_out[:n_out])
-        if targets:
-            # the block output's distance stands for all of its layers: one term, uniform over samples
-            # (the layers' per-sample Hessian scores weigh errors at their own outputs, not here)
-            n = targets[0].shape[0]
-            return (lambda outs: _float_leaves(outs[:n_out])), targets, torch.ones(n, len(targets)), \
-                [None] * len(targets), torch.ones(len(parts.weight_pos))
+    if rc.target is Target.BLOCK and all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                         for t in f_out[:n_out]):
+        # the block outputs' distance stands for all of its layers
+        term_w, term_profiles = _block_output_weights(block, f_out[0].shape[0], block_hs, rc)
+        return (lambda outs: outs[:n_out]), f_out[:n_out], term_w, term_profiles, torch.ones(len(parts.weight_pos))
     return (lambda outs: outs[n_out:]), f_out[n_out:], layer_w, profiles, None
 
 
 def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n_train: int,
-                 eval_idx: torch.Tensor, progress, shard: distributed.Shard | None = None) -> tuple[float, float]:
+                 eval_idx: torch.Tensor, progress, shard: distributed.Shard | None = None,
+                 block_hs: HessianScores | None = None) -> tuple[float, float]:
     """``n_train`` / ``eval_idx``: global sample indices (training draws from the first n_train; the block's
     before/after test runs on eval_idx). Under torch.distributed each rank holds only its shard's values."""
     split = (lambda idx: (idx, idx)) if shard is None else shard.split
     device = _module_device(sub)
-    pick, f_targets, term_w, profiles, reg_w = _loss_terms(block, parts, f_out, layer_w, profiles, rc)
+    pick, f_targets, term_w, profiles, reg_w = _loss_terms(block, parts, f_out, layer_w, profiles, rc, block_hs)
     if reg_w is None:
         reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
     term_w = _on(term_w, device)
@@ -307,6 +318,14 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     return loss_before, loss_after
 
 
+def _with_compare_points(hs: HessianScores | None, extra: HessianScores | None) -> HessianScores | None:
+    """One score table holding the compare points and the extra block outputs (a block output can be both)."""
+    if hs is None or extra is None:
+        return hs
+    per_channel = None if hs.per_channel is None else {**hs.per_channel, **(extra.per_channel or {})}
+    return HessianScores(hs.names + extra.names, torch.cat([hs.scores, extra.scores], 1), hs.n_probes, per_channel)
+
+
 def _split(n: int, rc: ReconstructionConfig) -> tuple[int, torch.Tensor]:
     """(samples to train on = the first n_train, held-out indices for the fallback tests). With too few
     samples to spare a held-out part, everything trains and the tests run on the training samples."""
@@ -337,6 +356,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     if hessian.weight is not None:
         init_weight_scales_(prepared, config, hessian.weight)
     hs = hessian.activation
+    block_hs = _with_compare_points(hs, hessian.block_outputs)  # Target.BLOCK's per-sample output weights
     scores = hessian.scores(calib.n, len(cps))
     if hs is not None:  # for eptq_fx.report
         prepared.meta[HESSIAN_MEAN] = dict(zip(cps, hs.scores.mean(0).tolist()))
@@ -370,7 +390,8 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             profiles = _channel_profiles(hs, parts, cps, rc)
             tb = time.perf_counter()
             before, after = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen,
-                                         n_train, hold_idx, progress, shard if distributed.is_active() else None)
+                                         n_train, hold_idx, progress, shard if distributed.is_active() else None,
+                                         block_hs)
             q_out = _run(sub, q_vals, block, None)
             logger.info("block %d (%s): loss %.4g -> %.4g, SQNR %.1f dB, %.1f s", block.index,
                         ",".join(block.quant_ops), before, after, _sqnr_db(q_out[n_out:], f_targets),

@@ -233,11 +233,9 @@ def _position(gm: fx.GraphModule) -> Callable[[fx.Node], int]:
     return order.__getitem__
 
 
-def schedule_blocks(gm: fx.GraphModule, granularity: str = "block",
-                    is_quant_op: Callable[[fx.Node], bool] | None = None) -> fx.GraphModule:
-    """Assign every compute node to a reconstruction block (``node.meta[BLOCK]``) and store the ``Block``
-    list in ``gm.meta[BLOCKS]``. ``granularity``: "layer" (one block per quant op), "block" (topological
-    blocks, see the module docstring) or "network" (one block). Returns ``gm``."""
+def plan_blocks(gm: fx.GraphModule, granularity: str = "block",
+                is_quant_op: Callable[[fx.Node], bool] | None = None) -> list[Block]:
+    """The blocks ``schedule_blocks`` would record, without touching ``gm``."""
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     is_quant_op = is_quant_op or default_is_quant_op
@@ -247,8 +245,15 @@ def schedule_blocks(gm: fx.GraphModule, granularity: str = "block",
         assignment = _layer_partition(gm, is_quant_op)
     else:
         assignment = _block_partition(gm, is_quant_op)
+    return _make_blocks(gm, assignment, is_quant_op)
 
-    blocks = _make_blocks(gm, assignment, is_quant_op)
+
+def schedule_blocks(gm: fx.GraphModule, granularity: str = "block",
+                    is_quant_op: Callable[[fx.Node], bool] | None = None) -> fx.GraphModule:
+    """Assign every compute node to a reconstruction block (``node.meta[BLOCK]``) and store the ``Block``
+    list in ``gm.meta[BLOCKS]``. ``granularity``: "layer" (one block per quant op), "block" (topological
+    blocks, see the module docstring) or "network" (one block). Returns ``gm``."""
+    blocks = plan_blocks(gm, granularity, is_quant_op)
     block_of = {name: b.index for b in blocks for name in b.nodes}
     for node in gm.graph.nodes:
         if node.name in block_of:
