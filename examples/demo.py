@@ -276,7 +276,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"eptq-fx demo: {model} on {where}; methods {', '.join(methods)}; bits {', '.join(bits)}", flush=True)
     rows = run_demo(model=model, data_dir=args.data, bits=bits, methods=methods, n_calib=args.n_calib,
                     seed=args.seed, cache_dir=args.cache_dir, progress=args.progress, iters=args.iters,
-                    on_result=lambda r: print(f"  done: {r.method} {r.bits} in {r.seconds:.1f} s", flush=True))
+                    on_result=lambda r: print(f"  done: {r.method} {r.bits} in {r.seconds:.1f} s: top-1 "
+                                              f"{100 * r.quant_acc:.2f}% (float {100 * r.float_acc:.2f}%)", flush=True))
     print()
     print(format_table(rows))
     return 0
