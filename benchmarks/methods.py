@@ -15,15 +15,18 @@ from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 
 # the ablations of the EPTQ issue (same seed, same data): uniform weights, network-wise (with Hessian weights or
 # uniform ones), HMSE thresholds, per-sample-per-channel Hessian weights, ... Any "eptq+opt1+opt2" combines the
-# options of VARIANTS; the underscore names are the ones earlier rows were recorded under.
+# options of VARIANTS on top of today's defaults; the underscore names are the ones earlier rows were recorded
+# under (with the defaults of their day: Hessian-weighted, no QDrop).
 VARIANTS = {
-    "uniform": {"hessian_weighting": False},  # no Hessian: every sample and layer weighs 1
-    "channel": {"hessian_per_channel": True},  # per-sample, per-channel Hessian weights
+    "hessian": {"hessian_weighting": True},  # the loss weighted by the label-free Hessian (default until issue 11)
+    "uniform": {"hessian_weighting": False},  # every sample and layer weighs 1 (the default since issue 11)
+    "channel": {"hessian_weighting": True, "hessian_per_channel": True},  # per-sample, per-channel weights
     "block": {"target": "block"},  # BRECQ's target: the block's outputs
-    "qdrop": {"qdrop": 0.5},  # QDrop: each activation kept float with probability 0.5 while training
-    "network": {"granularity": "network"},  # one block: the whole network
+    "qdrop": {"qdrop": 0.5},  # QDrop: each activation kept float with probability 0.5 while training (default)
+    "noqdrop": {"qdrop": 0.0},  # every activation quantized while training (the default until issue 11)
+    "network": {"granularity": "network", "hessian_weighting": True},  # one block, Hessian-weighted
     "hmse": {},  # Hessian-weighted MSE weight thresholds (an EPTQConfig option, below)
-    "kl": {},  # the Hessian of the KL to the model's own softmax (a HessianConfig option, below)
+    "kl": {"hessian_weighting": True},  # + the Hessian of the KL to the model's own softmax (HessianConfig)
     "fast": {},  # EPTQ_FAST_ITERS steps per block
 }
 ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl",
@@ -75,7 +78,7 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
     elif "fast" in opts:
         iters = iters or EPTQ_FAST_ITERS
     rc = {} if iters is None else {"iters": iters}
-    for opt in sorted(opts):
+    for opt in sorted(opts, key=lambda o: o == "uniform"):  # "network_uniform": uniform wins over network's
         rc.update(VARIANTS[opt])
     if "network" in opts:
         rc["iters"] = iters or NETWORK_ITERS

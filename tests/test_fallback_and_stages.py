@@ -14,14 +14,14 @@ from eptq_fx.errors import ConfigError
 from eptq_fx.graph.passes.qdq_insertion import weight_ops
 from eptq_fx.method import reconstruction as R
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
-from eptq_fx.graph.meta import BLOCKS
+from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
 from eptq_fx.graph.passes.block_schedule import plan_blocks, schedule_blocks
 from eptq_fx.numerics.calibration import calibrate, quant_disabled
 from examples.models import example_input, make_model
 
 CFG = EPTQConfig(weight_bits=4, act_bits=4, first_last_8bit=False, n_calib=128, seed=0,
                  hessian=HessianConfig(max_probes=8, min_probes=4, cache_dir=None),
-                 reconstruction=ReconstructionConfig(iters=30, batch_size=16))
+                 reconstruction=ReconstructionConfig(iters=30, batch_size=16, hessian_weighting=True))
 
 
 def _calibrated(model, x, cfg):
@@ -44,6 +44,27 @@ def test_given_estimate_is_what_reconstruction_uses():
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
         assert not torch.equal(a(x), c(x))
+
+
+def test_uniform_loss_still_scores_the_layers_for_the_report():
+    """hessian_weighting=False (the default): the stage still scores the compare points (report, sensitivity),
+    the loss ignores them (the given estimate and a score-free one give the same result), and
+    report_scores=False skips the stage."""
+    cfg = dataclasses.replace(CFG, reconstruction=dataclasses.replace(CFG.reconstruction, hessian_weighting=False))
+    assert not ReconstructionConfig().hessian_weighting
+    model, x = make_model("small_cnn"), example_input("small_cnn", batch_size=128, seed=5)
+    a = _calibrated(model, x, cfg)
+    est = estimate_hessian(a, CalibSet((x,)), cfg, progress=False)
+    assert est.activation is not None and not est.weighs and est.block_outputs is None
+    assert bool((est.scores(128, len(est.activation.names)) == 1).all())
+    R.reconstruct(a, CalibSet((x,)), cfg, progress=False, hessian=est)
+    assert set(a.meta[HESSIAN_MEAN]) == set(est.activation.names)
+    b = _calibrated(model, x, cfg)
+    R.reconstruct(b, CalibSet((x,)), cfg, progress=False, hessian=HessianEstimate(None, None))
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    skip = dataclasses.replace(cfg, hessian=dataclasses.replace(cfg.hessian, report_scores=False))
+    assert estimate_hessian(_calibrated(model, x, skip), CalibSet((x,)), skip, progress=False).activation is None
 
 
 def test_hmse_weight_hessian_comes_from_the_stage():

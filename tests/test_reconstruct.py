@@ -9,6 +9,7 @@ import torch
 import eptq_fx
 from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 from eptq_fx.method.reconstruction import BlockParts, _Trainer
+from eptq_fx.graph.meta import ActQuant
 from eptq_fx.numerics.quantizers import WeightQuantizer, rectified_sigmoid
 from examples.models import example_input, make_model
 
@@ -92,7 +93,8 @@ def test_uniform_weighting_and_hmse_run_and_change_the_result():
     x = example_input("small_cnn", batch_size=64, seed=5)
     base = _tiny_config(iters=40)
     variants = {
-        "hessian": base,
+        "hessian": EPTQConfig(**{**base.__dict__, "reconstruction": ReconstructionConfig(
+            iters=40, batch_size=16, hessian_weighting=True)}),
         "uniform": EPTQConfig(**{**base.__dict__, "reconstruction": ReconstructionConfig(
             iters=40, batch_size=16, hessian_weighting=False)}),
         "hmse": EPTQConfig(**{**base.__dict__, "weight_range": "hmse"}),
@@ -128,7 +130,7 @@ def test_layer_weights_are_trace_per_element_normalised_by_the_block_maximum():
     # columns: three compare points of the graph; the block holds the 3rd and 1st (in that order)
     scores = torch.tensor([[4.0, 9.0, 8.0], [12.0, 9.0, 24.0]])
     parts = BlockParts({}, {}, [2, 0], [])
-    w = _layer_weights(scores, parts, ReconstructionConfig(), sizes=[8, 2])
+    w = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True), sizes=[8, 2])
     # tr/D: layer 3 -> [1, 3], layer 1 -> [2, 6]; largest mean over samples (layer 1: 4) -> 1
     torch.testing.assert_close(w, torch.tensor([[0.25, 0.5], [0.75, 1.5]]))
     uniform = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=False), sizes=[8, 2])
@@ -140,7 +142,7 @@ def test_per_channel_hessian_weighting_runs_and_changes_the_result():
     x = example_input("small_cnn", batch_size=64, seed=5)
     base = _tiny_config(iters=40)
     channel = EPTQConfig(**{**base.__dict__, "reconstruction": ReconstructionConfig(
-        iters=40, batch_size=16, hessian_per_channel=True)})
+        iters=40, batch_size=16, hessian_weighting=True, hessian_per_channel=True)})
     a = eptq_fx.quantize(model, x, base, progress=False)(x)
     b = eptq_fx.quantize(model, x, channel, progress=False)(x)
     assert torch.isfinite(b).all() and not torch.equal(a, b)
@@ -156,3 +158,20 @@ def test_staged_eptq_equals_one_shot():
     eptq_fx.reconstruct(prepared, x, cfg, progress=False)
     staged = eptq_fx.convert(prepared)
     assert torch.equal(one_shot(x), staged(x))
+
+
+def test_qdrop_masks_of_a_shard_are_the_rows_of_the_whole_minibatch_mask():
+    """A rank that holds rows 1 and 3 of a 4-sample minibatch keeps exactly the elements float that one process
+    keeps float in those rows (same seed): the sharded run trains on the same masks."""
+    from eptq_fx.numerics.quantizers import ActQuantizer
+
+    aq = ActQuantizer(ActQuant(bits=4, scheme="asymmetric"))
+    aq.drop_prob = 0.5
+    x = torch.randn(4, 3, 5)
+    aq.drop_draw = (1234, 4, None)
+    whole = aq._drop_mask(x)
+    aq.drop_draw = (1234, 4, torch.tensor([1, 3]))
+    torch.testing.assert_close(aq._drop_mask(x[[1, 3]]), whole[[1, 3]])
+    assert 0.3 < float(whole.float().mean()) < 0.7
+    aq.drop_draw = (1235, 4, None)
+    assert not torch.equal(aq._drop_mask(x), whole)  # a new step, new masks

@@ -6,6 +6,7 @@ scores (and the uniform-weight ablation is simply an estimate without activation
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 from dataclasses import dataclass
 
@@ -15,11 +16,14 @@ import torch.fx as fx
 from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig, Target
 from eptq_fx.data import CalibSet
+from eptq_fx.errors import HessianError
 from eptq_fx.graph.passes.block_schedule import plan_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
 from eptq_fx.method.weight_hessian import weight_hessian
 from eptq_fx.numerics.calibration import quant_disabled
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,12 @@ class HessianEstimate:
     weight: dict[str, torch.Tensor] | None
     # Target.BLOCK: scores of the block outputs that are not compare points themselves (same probes)
     block_outputs: HessianScores | None = None
+    # False: ``activation`` only ranks the layers (eptq_fx.report); the reconstruction loss weighs all alike
+    weighs: bool = True
 
     def scores(self, n_samples: int, n_points: int) -> torch.Tensor:
         """(N, L) per-sample, per-compare-point scores; all ones for uniform weights."""
-        if self.activation is None:
+        if self.activation is None or not self.weighs:
             return torch.ones(n_samples, n_points)
         return self.activation.scores
 
@@ -53,16 +59,20 @@ def estimate_hessian(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConf
         hc = dataclasses.replace(hc, cache_dir=None)
     with quant_disabled(prepared):
         blk = None
+        if not rc.hessian_weighting and hc.report_scores:
+            # the loss weighs every sample alike; the scores still rank the layers' sensitivity (eptq_fx.report)
+            try:
+                act = label_free_hessian(prepared, compare_points(prepared), local, hc, seed=config.seed,
+                                         progress=progress)
+                act = _gathered(act)
+            except HessianError as e:  # nothing downstream needs them: say so and go on without
+                logger.warning("no Hessian scores for the report: %s", e)
         if rc.hessian_weighting:
             cps = compare_points(prepared)
             extra = _block_output_points(prepared, config, cps)
             act = label_free_hessian(prepared, cps + extra, local, hc, seed=config.seed,
                                      per_channel=rc.hessian_per_channel, progress=progress)
-            if distributed.is_active():  # every rank holds the scores of all samples, in global order
-                act = HessianScores(act.names, distributed.gather_rows(act.scores),
-                                    int(distributed.gather_rows(torch.tensor([act.n_probes])).max()),
-                                    None if act.per_channel is None else
-                                    {k: distributed.gather_rows(v) for k, v in act.per_channel.items()})
+            act = _gathered(act)
             if extra:
                 act, blk = _columns(act, cps), _columns(act, extra)
         if config.weight_range == "hmse":
@@ -70,7 +80,17 @@ def estimate_hessian(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConf
             full = weight_hessian(prepared, [f"{n}.op" for n in names], calib, config.hessian, seed=config.seed,
                                   progress=progress)
             wh = {n: full[f"{n}.op"] for n in names}
-    return HessianEstimate(act, wh, blk)
+    return HessianEstimate(act, wh, blk, weighs=rc.hessian_weighting)
+
+
+def _gathered(act: HessianScores) -> HessianScores:
+    """Under torch.distributed every rank holds the scores of all samples, in global order."""
+    if not distributed.is_active():
+        return act
+    return HessianScores(act.names, distributed.gather_rows(act.scores),
+                         int(distributed.gather_rows(torch.tensor([act.n_probes])).max()),
+                         None if act.per_channel is None else
+                         {k: distributed.gather_rows(v) for k, v in act.per_channel.items()})
 
 
 def _block_output_points(prepared: fx.GraphModule, config: EPTQConfig, cps: list[str]) -> list[str]:

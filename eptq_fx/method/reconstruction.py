@@ -142,6 +142,15 @@ class _Trainer:
                 groups.append({"params": [aq.log_gain], "lr": rc.lr_scale})
         self.opt = torch.optim.Adam(groups) if groups else None
 
+    def set_drop_draw(self, seed: int, idx: torch.Tensor, shard: distributed.Shard | None) -> None:
+        """QDrop masks of this step: drawn for the whole minibatch ``idx`` (the same on every rank), each rank
+        taking the rows of the samples it holds."""
+        rows = None
+        if shard is not None:
+            rows = torch.nonzero((idx >= shard.start) & (idx < shard.stop)).flatten()
+        for j, aq in enumerate(self.parts.act_quants.values()):
+            aq.drop_draw = (seed * 131 + j, len(idx), rows)
+
     def beta(self, step: int) -> float | None:
         """None during warm-up (no rounding regulariser), then β annealed from beta_start to beta_end."""
         rc = self.rc
@@ -186,7 +195,7 @@ class _Trainer:
             if op.op.bias is not None:
                 op.op.bias.requires_grad_(False)
         for aq in self.parts.act_quants.values():
-            aq.float_mix, aq.drop_prob, aq.train_scale = 0.0, 0.0, False
+            aq.float_mix, aq.drop_prob, aq.train_scale, aq.drop_draw = 0.0, 0.0, False, None
             aq.log_gain.requires_grad_(False)
             aq.fold_gain_()
 
@@ -291,11 +300,16 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     with torch.no_grad():
         loss_before = global_loss(eval_idx)  # round-to-nearest, the baseline the block must beat
     trainer = _Trainer(parts, rc)
+    # QDrop masks are seeded per step from the block's generator (drawn only when used, so a qdrop=0 run keeps
+    # its minibatch sequence)
+    drop_seed = int(torch.randint(0, 2 ** 30, (1,), generator=gen)) * 1_000_003 if rc.qdrop > 0 else 0
     if trainer.opt is not None:
         sub.train()
         for step in tqdm(range(rc.iters), desc=f"block {block.index}", disable=not progress, leave=False):
             trainer.set_phase(step)
             idx = torch.randint(0, n_train, (rc.batch_size,), generator=gen)
+            if rc.qdrop > 0.0:
+                trainer.set_drop_draw(drop_seed + step, idx, shard)
             loss = block_loss(idx)
             beta = trainer.beta(step)
             if beta is not None and parts.weight_ops and distributed.is_lead():  # once, not once per rank
@@ -356,7 +370,8 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     if hessian.weight is not None:
         init_weight_scales_(prepared, config, hessian.weight)
     hs = hessian.activation
-    block_hs = _with_compare_points(hs, hessian.block_outputs)  # Target.BLOCK's per-sample output weights
+    # Target.BLOCK's per-sample output weights (none when the loss weighs samples alike)
+    block_hs = _with_compare_points(hs, hessian.block_outputs) if hessian.weighs else None
     scores = hessian.scores(calib.n, len(cps))
     if hs is not None:  # for eptq_fx.report
         prepared.meta[HESSIAN_MEAN] = dict(zip(cps, hs.scores.mean(0).tolist()))

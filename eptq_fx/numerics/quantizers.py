@@ -171,6 +171,7 @@ class ActQuantizer(nn.Module):
         self.mode = "observe"
         self.float_mix = 0.0
         self.drop_prob = 0.0
+        self.drop_draw: tuple[int, int, torch.Tensor | None] | None = None  # see _drop_mask
         self.train_scale = False
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.log_gain = nn.Parameter(torch.tensor(0.0), requires_grad=False)  # see WeightQuantizer.log_gain
@@ -239,9 +240,21 @@ class ActQuantizer(nn.Module):
         if self.float_mix > 0.0:
             xq = self.float_mix * x + (1.0 - self.float_mix) * xq
         if self.drop_prob > 0.0 and self.training:
-            keep_float = torch.rand(x.shape, generator=self._gen, device="cpu").to(x.device) < self.drop_prob
-            xq = torch.where(keep_float, x, xq)
+            xq = torch.where(self._drop_mask(x), x, xq)
         return xq
+
+    def _drop_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Which elements stay float this step. With ``drop_draw = (seed, n, rows)`` (set by the trainer each
+        step) the mask is drawn for the whole minibatch of n samples from that seed and this rank's ``rows``
+        taken, so a sharded run (torch.distributed) masks every sample exactly as one process would."""
+        if self.drop_draw is None:
+            return torch.rand(x.shape, generator=self._gen, device="cpu").to(x.device) < self.drop_prob
+        seed, n, rows = self.drop_draw
+        gen = torch.Generator().manual_seed(seed)
+        if rows is None or x.dim() == 0 or x.shape[0] != len(rows):
+            return torch.rand(x.shape, generator=gen).to(x.device) < self.drop_prob
+        full = torch.rand((n, *x.shape[1:]), generator=gen)
+        return full[rows].to(x.device) < self.drop_prob
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scheme={self.scheme}, mode={self.mode}, scale={float(self.scale):.4g}, " \
