@@ -210,3 +210,29 @@ def test_fusable_placement_lets_every_int8_conv_fuse(widths_data, tmp_path):
         ops = [n.op_type for n in onnx.load(str(tmp_path / f"{placement.value}_opt.onnx")).graph.node]
         counts[placement] = ops.count("QLinearConv")
     assert counts[eptq_fx.ActPlacement.FUSABLE] == 5 > counts[eptq_fx.ActPlacement.INPUTS] == 2
+
+
+def test_biases_sit_on_the_accumulator_grid_so_ort_rewrites_change_nothing(widths_data, tmp_path):
+    """ORT's WeightBiasQuantization re-quantizes a float bias to int32 at s_in · s_w; before biases were put
+    on that grid it moved W4A4 ResNet-20 to 90 % top-1 agreement. Now each converted bias is an integer
+    multiple of s_in · s_w and ORT with all its graph rewrites computes what it computes unfused."""
+    model, calib, x = widths_data
+    q = eptq_fx.quantize(model, calib, EPTQConfig(method="rtn", weight_bits=4, act_bits=4, first_last_8bit=False),
+                         progress=False)
+    checked = 0
+    for node in q.graph.nodes:
+        if node.op == "call_function" and node.target in (torch.ops.aten.conv2d.default, torch.nn.functional.conv2d,
+                                                          torch.nn.functional.linear) and len(node.args) > 2:
+            x_dq, w_dq, b = node.args[:3]
+            if b is None or x_dq.target is not torch.ops.quantized_decomposed.dequantize_per_tensor.default:
+                continue
+            step = float(x_dq.args[1]) * getattr(q, w_dq.args[1].target).double()
+            k = getattr(q, b.target).double() / step
+            torch.testing.assert_close(k, k.round(), rtol=0, atol=1e-3)
+            checked += 1
+    assert checked >= 3
+    path = export_onnx(q, (x[:2],), tmp_path / "w4a4.onnx")
+    unfused, fused = _ort_run(path, x, fuse=False), _ort_run(path, x)
+    ref = q(x).numpy()
+    assert float((fused.argmax(1) == unfused.argmax(1)).mean()) == 1.0
+    assert float((fused.argmax(1) == ref.argmax(1)).mean()) >= 0.995

@@ -85,15 +85,10 @@ def _with_exact_clamps(gm: fx.GraphModule) -> fx.GraphModule:
         qmin, qmax, dtype = _int_range(node)
         if (qmin, qmax) == _container_range(dtype):
             continue
-        if torch.iinfo(dtype).bits <= 8:
-            with out.graph.inserting_after(node):
-                clamped = out.graph.call_function(torch.clamp, (node, qmin, qmax))
-            node.replace_all_uses_with(clamped, delete_user_cb=lambda u, c=clamped: u is not c)
-        else:
-            x, scale, zp = node.args[:3]
-            with out.graph.inserting_before(node):
-                clamped = out.graph.call_function(torch.clamp, (x, (qmin - zp) * scale, (qmax - zp) * scale))
-            node.replace_input_with(x, clamped)
+        x, scale, zp = node.args[:3]
+        with out.graph.inserting_before(node):
+            clamped = out.graph.call_function(torch.clamp, (x, (qmin - zp) * scale, (qmax - zp) * scale))
+        node.replace_input_with(x, clamped)
     out.graph.lint()
     out.recompile()
     return out

@@ -138,6 +138,24 @@ class QuantWeightOp(nn.Module):
         self.weight_quant = WeightQuantizer(bits, w.shape[axis], axis, w.dim())
         if module.bias is None:  # reconstruction may train a bias; an all-zero one changes nothing
             module.bias = nn.Parameter(torch.zeros(w.shape[axis], dtype=w.dtype, device=w.device))
+        # the quantizer of this op's input (a plain attribute, not a submodule: it is the graph's own)
+        self.__dict__["input_quant"] = None
+
+    def link_input_(self, aq: ActQuantizer | None) -> None:
+        self.__dict__["input_quant"] = aq
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias an integer kernel adds: rounded to its accumulator step s_in · s_w (per output channel),
+        as int8 backends store it (int32 in QLinearConv / oneDNN, and ONNX Runtime re-quantizes float biases
+        that way), so the fake-quant graph, the converted one and every runtime add the same bias. Float
+        when the input or the weight is not quantized. The rounding passes gradients straight through."""
+        b, aq = self.op.bias, self.__dict__.get("input_quant")
+        if b is None or aq is None or aq.mode != "on" or self.weight_quant.mode == "off":
+            return b
+        step = aq.effective_scale() * self.weight_quant._s().reshape(-1)
+        if step.numel() != b.numel():
+            return b
+        return b + (torch.round(b / step) * step - b).detach()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -147,13 +165,13 @@ class QuantWeightOp(nn.Module):
         return self.weight_quant(self.op.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op, w = self.op, self.quantized_weight()
+        op, w, b = self.op, self.quantized_weight(), self.effective_bias()
         fn, kind = ops.functional_for(op, aten_ir=False)
         if kind == "linear":
-            return fn(x, w, op.bias)
+            return fn(x, w, b)
         if kind == "conv_transpose":
-            return fn(x, w, op.bias, op.stride, op.padding, op.output_padding, op.groups, op.dilation)
-        return op._conv_forward(x, w, op.bias)
+            return fn(x, w, b, op.stride, op.padding, op.output_padding, op.groups, op.dilation)
+        return op._conv_forward(x, w, b)
 
 
 class ActQuantizer(nn.Module):
@@ -224,8 +242,11 @@ class ActQuantizer(nn.Module):
             self.scale.mul_(torch.exp(self.log_gain))
             self.log_gain.zero_()
 
+    def effective_scale(self) -> torch.Tensor:
+        return self.scale * torch.exp(self.log_gain) if self.train_scale else self.scale
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.scale * torch.exp(self.log_gain) if self.train_scale else self.scale
+        s = self.effective_scale()
         # x·(1/s), not x/s: the same arithmetic as quantized_decomposed.quantize_per_tensor, so convert matches
         q = torch.clamp(round_ste(x * (1.0 / s)) + self.zero_point, self.qmin, self.qmax)
         return (q - self.zero_point) * s

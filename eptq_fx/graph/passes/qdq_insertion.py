@@ -55,9 +55,23 @@ def insert_qdq(gm: fx.GraphModule, power_of_two: bool = False, seed: int = 0) ->
                 made[spec] = q
             consumer.replace_input_with(producer, made[spec])
     logger.info("inserted %d activation quantizers", count)
+    link_input_quantizers_(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def link_input_quantizers_(gm: fx.GraphModule) -> None:
+    """Tell each weight op which quantizer feeds it (its bias then lives on the integer accumulator grid); an
+    op called from several places, or with an unquantized input, keeps a float bias."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QuantWeightOp):
+            calls.setdefault(node.target, []).append(node)
+    for target, nodes in calls.items():
+        src = nodes[0].args[0] if len(nodes) == 1 and nodes[0].args else None
+        aq = gm.get_submodule(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        gm.get_submodule(target).link_input_(aq if isinstance(aq, ActQuantizer) else None)
 
 
 def weight_ops(gm: fx.GraphModule) -> dict[str, QuantWeightOp]:

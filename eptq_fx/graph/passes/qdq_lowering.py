@@ -45,7 +45,8 @@ def _emit_weight_op(gm: fx.GraphModule, node: fx.Node, qop: QuantWeightOp, prefi
     gm.register_buffer(f"{prefix}_weight_zero_point", torch.zeros(w_int.shape[wq.axis], dtype=torch.int64,
                                                                                device=w_int.device))
     if op.bias is not None:
-        gm.register_parameter(f"{prefix}_bias", nn.Parameter(op.bias.detach().clone(), requires_grad=False))
+        bias = qop.effective_bias().detach().clone()  # on the accumulator grid when the input is quantized
+        gm.register_parameter(f"{prefix}_bias", nn.Parameter(bias, requires_grad=False))
     g = gm.graph
     with g.inserting_before(node):
         w = g.get_attr(f"{prefix}_weight_int")
