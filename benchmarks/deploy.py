@@ -97,11 +97,16 @@ def build_runtimes(name: str, threads: int, workdir: Path) -> tuple[dict, dict, 
         pt2e = _pt2e_int8(model, calib)
         rt["PT2E int8 eager"] = pt2e
         info["PT2E int8 eager"] = {"ref": "PT2E int8 eager", "size": _pt2_size(pt2e, example)}
-        rt["PT2E int8 compile (freezing)"] = compile_for_inductor(pt2e, allow_saturation=True)  # same recipe
-        info["PT2E int8 compile (freezing)"] = {"ref": "PT2E int8 eager", "size": info["PT2E int8 eager"]["size"]}
     except Exception as e:  # torchao missing or failing: the row says so
         pt2e = None
-        info["PT2E int8 compile (freezing)"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+        info["PT2E int8 eager"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    if pt2e is not None:
+        try:
+            rt["PT2E int8 compile (freezing)"] = compile_for_inductor(pt2e, allow_saturation=True)  # same recipe
+            info["PT2E int8 compile (freezing)"] = {"ref": "PT2E int8 eager",
+                                                    "size": info["PT2E int8 eager"]["size"]}
+        except Exception as e:
+            info["PT2E int8 compile (freezing)"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
     for label, q in (("W8A8", quantized[(8, 8)]), ("W8A8 fusable", fusable)):
         key = f"eptq_fx {label} GraphModule"
         rt[key], info[key] = q, {"ref": key, "size": _pt2_size(q, example)}
@@ -183,7 +188,7 @@ def markdown(results: list[dict], command: str) -> str:
                        f"| {x['ms_b64']:.2f} | {x['ms_b64'] / base:.2f} | {size} |")
         for x in r["rows"]:
             if "error" in x:
-                out.append(f"| {x['runtime']} | failed: {x['error']} | | | | | |")
+                out.append(f"| {x['runtime']} | failed: {' '.join(x['error'].split())} | | | | | |")
         out.append("")
     return "\n".join(out)
 

@@ -62,3 +62,15 @@ def test_eight_bit_weights_are_refused_where_onednn_saturates_them():
 def test_compile_refuses_what_is_not_a_module():
     with pytest.raises(eptq_fx.ModelError, match="converted model"):
         compile_for_inductor(lambda x: x)
+
+
+def test_an_exported_module_compiles_too():
+    """PT2E's convert_pt2e output is a torch.export module, whose train()/eval() raise: compiling it (as the
+    deployment benchmark does for the PT2E baseline) must not call them."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
+    x = torch.randn(3, 8)
+    exported = torch.export.export(model, (x,)).module()
+    with pytest.raises(NotImplementedError):
+        exported.eval()
+    fast = compile_for_inductor(exported)
+    torch.testing.assert_close(fast(x), model(x))

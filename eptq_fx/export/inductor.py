@@ -32,7 +32,11 @@ class InductorModule(nn.Module):
 
     def __init__(self, model: fx.GraphModule, **compile_kwargs):
         super().__init__()
-        self.model = model.eval()
+        try:
+            model.eval()
+        except NotImplementedError:  # a torch.export module (PT2E's convert_pt2e output) fixes its mode at export
+            pass
+        self.model = model
         self._compiled = torch.compile(self.model, backend="inductor", **compile_kwargs)
 
     def forward(self, *args, **kwargs):
