@@ -55,7 +55,8 @@ def _mct_mp(model: nn.Module, calib: torch.Tensor, budget: int) -> tuple[nn.Modu
     return qmodel, {"per_layer_bits": used["per_layer_weights"], "used_bytes": int(nbytes)}
 
 
-def run(model_name: str, budget_name: str, method: str, iters: int | None, n_calib: int) -> dict:
+def run(model_name: str, budget_name: str, method: str, iters: int | None, n_calib: int,
+        candidates: tuple[int, ...] = (2, 4, 8)) -> dict:
     import eptq_fx
     from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 
@@ -65,7 +66,8 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
     b = int(budget_name.removeprefix("W"))
     budget = uniform_bytes(model, b)
     row = {"model": model_name, "budget": budget_name, "budget_bytes": budget, "method": method,
-           "iters": iters, "n_calib": n_calib, "threads": torch.get_num_threads()}
+           "iters": iters, "n_calib": n_calib, "threads": torch.get_num_threads(),
+           **({"candidates": list(candidates)} if method.startswith("mp_") and candidates != (2, 4, 8) else {})}
     t0 = time.perf_counter()
     if method == "mct_mp":
         qmodel, details = _mct_mp(model, calib, budget)
@@ -73,7 +75,7 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
     else:
         algo = "eptq" if method.endswith("eptq") else "rtn"
         rc = ReconstructionConfig(iters=iters) if iters else ReconstructionConfig()
-        kw = {"weight_memory": budget} if method.startswith("mp_") else {}
+        kw = {"weight_memory": budget, "weight_candidates": candidates} if method.startswith("mp_") else {}
         config = EPTQConfig(weight_bits=b if method.startswith("uniform") else 8, act_bits=8, method=algo,
                             n_calib=n_calib, hessian=HessianConfig(cache_dir=None), reconstruction=rc, **kw)
         from eptq_fx.graph.passes.qdq_insertion import weight_ops
@@ -94,7 +96,8 @@ def table(path=RESULTS) -> str:
     rows = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        rows[(r["model"], r["budget"], r["method"], r.get("iters"))] = r
+        rows[(r["model"], r["budget"], r["method"] + (f" {r['candidates']}" if r.get("candidates") else ""),
+              r.get("iters"))] = r
     out = ["| model | budget (bytes) | method | top-1 | weights used (bytes) | widths used | quantize s |",
            "|---|---|---|---|---|---|---|"]
     for (model, budget, method, iters), r in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--method", choices=("uniform_rtn", "uniform_eptq", "mp_rtn", "mp_eptq", "mct_mp"))
     p.add_argument("--iters", type=int, default=None, help="EPTQ steps per block (default: eptq_fx's)")
     p.add_argument("--n-calib", type=int, default=1024)
+    p.add_argument("--candidates", default="2,4,8", help="mixed-precision weight widths (mp_* methods)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.table:
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.method is None:
         p.error("--method is required")
     torch.set_num_threads(args.threads)
-    row = run(args.model, args.budget, args.method, args.iters, args.n_calib)
+    row = run(args.model, args.budget, args.method, args.iters, args.n_calib,
+              tuple(int(b) for b in args.candidates.split(",")))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")

@@ -215,7 +215,7 @@ def demo_config(weight_bits: int, act_bits: int, method: str, n_calib: int, seed
                       reconstruction=recon)
 
 
-def run_demo(model: str = "digits", data_dir: str | Path | None = None, bits: Sequence[str] = ("W8A8", "W4A8"),
+def run_demo(model: str = "digits", data_dir: str | Path | None = None, bits: Sequence[str] = ("W4A4", "W2A4"),
              methods: Sequence[str] | None = None, n_calib: int = 1024, seed: int = 0,
              cache_dir: str | Path = ".cache", progress: bool = False, iters: int | None = None,
              on_result: Callable[[DemoResult], None] | None = None) -> list[DemoResult]:
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "digits demo")
     demo.add_argument("--model", default=None, choices=("digits", "resnet20", "resnet56"),
                       help="default: digits, or resnet20 with --data")
-    demo.add_argument("--bits", default="W8A8,W4A8", help="comma-separated, e.g. W8A8,W4A8,W4A4")
+    demo.add_argument("--bits", default="W4A4,W2A4", help="comma-separated, e.g. W8A8,W4A8,W4A4 (default W4A4,W2A4: "
+                                                         "where rounding alone loses accuracy)")
     demo.add_argument("--method", default=None, help="comma-separated rtn,eptq (default: rtn, plus eptq when "
                                                      "available)")
     demo.add_argument("--n-calib", type=int, default=1024, help="calibration samples (default 1024)")
