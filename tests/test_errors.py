@@ -3,9 +3,10 @@ unusual but are legitimate (integer inputs, tuple / dict / namedtuple outputs, a
 
 Decisions these tests pin down:
 * ``EPTQConfig.n_calib`` is a maximum: fewer samples give a warning and the run uses all there are.
-* A Hessian that is zero everywhere (argmax output, output independent of the layers) is a HessianError; there
-  is no silent uniform fallback. Uniform weighting is the user's explicit choice
-  (``ReconstructionConfig(hessian_weighting=False)``) and then works on such models.
+* A Hessian that is zero everywhere (argmax output, output independent of the layers) is a HessianError when
+  the loss is Hessian-weighted (``ReconstructionConfig(hessian_weighting=True)``); there is no silent uniform
+  fallback. With the default uniform loss the Hessian only ranks layers for the report, so such a model
+  quantizes with a warning and no sensitivity scores.
 * A model in training mode (or with a BatchNorm left in training mode) is quantized as an eval-mode copy, with a
   warning; the user's model keeps its flags and statistics.
 """
@@ -38,6 +39,7 @@ RTN = EPTQConfig(weight_bits=8, act_bits=8, method="rtn", n_calib=32)
 TINY = EPTQConfig(weight_bits=4, act_bits=4, n_calib=32,
                   hessian=HessianConfig(max_probes=3, min_probes=2, cache_dir=None),
                   reconstruction=ReconstructionConfig(iters=8, batch_size=8))
+WEIGHTED = dataclasses.replace(TINY, reconstruction=dataclasses.replace(TINY.reconstruction, hessian_weighting=True))
 QDQ_OPS = (torch.ops.quantized_decomposed.quantize_per_tensor.default,
            torch.ops.quantized_decomposed.dequantize_per_channel.default)
 
@@ -489,18 +491,20 @@ class ZeroOutput(MLP):
 def test_argmax_output_has_no_hessian():
     with pytest.raises(HessianError, match=r"no floating-point tensor that depends on the compare points \(e.g. "
                                            r"it ends in argmax or is detached\); return the logits"):
-        quantize(ArgmaxOutput(), data(), TINY)
+        quantize(ArgmaxOutput(), data(), WEIGHTED)
 
 
 def test_output_independent_of_the_layers_has_an_all_zero_hessian():
     with pytest.raises(HessianError, match=r"^Every Hessian score is zero: the model output does not depend"):
-        quantize(ZeroOutput(), data(), TINY)
+        quantize(ZeroOutput(), data(), WEIGHTED)
 
 
-def test_argmax_output_works_without_hessian_where_none_is_needed():
-    """RTN needs no Hessian, and uniform weighting is the explicit opt-out for EPTQ."""
-    assert has_qdq(quantize(ArgmaxOutput(), data()))
-    uniform = dataclasses.replace(TINY, reconstruction=dataclasses.replace(TINY.reconstruction,
-                                                                           hessian_weighting=False))
-    gm = quantize(ArgmaxOutput(), data(), uniform)
+def test_argmax_output_works_without_hessian_where_none_is_needed(caplog):
+    """RTN needs no Hessian, and the default uniform loss does not either: the scores the report would show are
+    missing, with a warning that says why."""
+    assert has_qdq(quantize(ArgmaxOutput(), data(), dataclasses.replace(TINY, method="rtn")))
+    assert not TINY.reconstruction.hessian_weighting
+    with caplog.at_level("WARNING", logger="eptq_fx"):
+        gm = quantize(ArgmaxOutput(), data(), TINY)
     assert gm(data()).dtype == torch.int64
+    assert any("no Hessian scores for the report" in r.getMessage() for r in caplog.records)

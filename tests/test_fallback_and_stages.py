@@ -11,11 +11,11 @@ import eptq_fx
 from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import ConfigError
+from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
+from eptq_fx.graph.passes.block_schedule import plan_blocks, schedule_blocks
 from eptq_fx.graph.passes.qdq_insertion import weight_ops
 from eptq_fx.method import reconstruction as R
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
-from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
-from eptq_fx.graph.passes.block_schedule import plan_blocks, schedule_blocks
 from eptq_fx.numerics.calibration import calibrate, quant_disabled
 from examples.models import example_input, make_model
 

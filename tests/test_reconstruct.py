@@ -8,8 +8,8 @@ import torch
 
 import eptq_fx
 from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
-from eptq_fx.method.reconstruction import BlockParts, _Trainer
 from eptq_fx.graph.meta import ActQuant
+from eptq_fx.method.reconstruction import BlockParts, _Trainer
 from eptq_fx.numerics.quantizers import WeightQuantizer, rectified_sigmoid
 from examples.models import example_input, make_model
 

@@ -143,7 +143,8 @@ def test_failing_midway_leaves_the_user_model_alone(failure):
         with pytest.raises(CalibrationDataError, match="disk gone"):
             eptq_fx.calibrate(prepared, failing_source(), forward_fn=lambda m, b: m(b), progress=False)
     else:
-        config = dataclasses.replace(TINY, weight_range="mse")
+        config = dataclasses.replace(TINY, weight_range="mse", reconstruction=dataclasses.replace(
+            TINY.reconstruction, hessian_weighting=True))  # a Hessian-weighted loss needs the Hessian: it fails
         with pytest.raises(HessianError):
             eptq_fx.quantize(model, IMAGES, config, progress=False)
     assert snapshot(model) == before
