@@ -88,12 +88,16 @@ def _channel_profiles(hs: HessianScores | None, parts: BlockParts, cps: list[str
     only), so only weights that vary across the samples (and positions) a parameter sees change the solution."""
     if hs is None or hs.per_channel is None or not rc.hessian_per_channel:
         return [None] * len(parts.cp_index)
-    profiles = []
-    for i in parts.cp_index:
-        c = hs.per_channel[cps[i]]
-        mean = c.mean(1, keepdim=True)
-        profiles.append(torch.where(mean > 0, c / mean.clamp_min(1e-30), 1.0) if c.shape[1] > 1 else None)
-    return profiles
+    return [_channel_profile(hs.per_channel[cps[i]]) for i in parts.cp_index]
+
+
+def _channel_profile(c: torch.Tensor | None) -> torch.Tensor | None:
+    """(N, C) per-channel scores as shares with mean 1 over a sample's channels (an all-zero row: even);
+    None for a single channel, where a profile changes nothing."""
+    if c is None or c.shape[1] <= 1:
+        return None
+    mean = c.mean(1, keepdim=True)
+    return torch.where(mean > 0, c / mean.clamp_min(1e-30), 1.0)
 
 
 def _distance(pred: torch.Tensor, target: torch.Tensor, profile: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,39 +242,38 @@ def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return t if device is None or not isinstance(t, torch.Tensor) else t.to(device, non_blocking=True)
 
 
-def _block_output_weights(block: Block, n: int, hs: HessianScores | None, rc: ReconstructionConfig):
+def _block_output_weights(block: Block, n: int, tables: list[HessianScores], rc: ReconstructionConfig):
     """Under Target.BLOCK: (N, K) per-sample weights of the block's K outputs, each the sample's label-free
     Hessian trace at that output over its mean (so a term keeps its scale; ones where no score exists: a tuple
-    or the model output itself, where J = I), and their per-channel profiles (``hessian_per_channel``)."""
+    or the model output itself, where J = I), and their per-channel profiles (``hessian_per_channel``).
+    ``tables``: the score tables to look the outputs up in (compare points, extra block outputs)."""
     cols, profiles = [], []
     for name in block.outputs:
-        s = None if hs is None or name not in hs.names else hs.scores[:, hs.names.index(name)]
+        hs = next((t for t in tables if name in t.names), None)
+        s = None if hs is None else hs.scores[:, hs.names.index(name)]
         mean = None if s is None else float(s.mean())
         cols.append(torch.ones(n) if not mean or mean <= 0 else s / mean)
-        c = None if hs is None or hs.per_channel is None or not rc.hessian_per_channel else hs.per_channel.get(name)
-        if c is not None and c.shape[1] > 1:
-            cm = c.mean(1, keepdim=True)
-            c = torch.where(cm > 0, c / cm.clamp_min(1e-30), 1.0)
-        profiles.append(c if c is not None and c.shape[1] > 1 else None)
+        per_channel = None if hs is None or hs.per_channel is None or not rc.hessian_per_channel else hs.per_channel
+        profiles.append(_channel_profile(None if per_channel is None else per_channel.get(name)))
     return torch.stack(cols, 1), profiles
 
 
 def _loss_terms(block: Block, parts: BlockParts, f_out: list, layer_w: torch.Tensor, profiles: list,
-                rc: ReconstructionConfig, block_hs: HessianScores | None = None):
+                rc: ReconstructionConfig, block_hs: list[HessianScores] = ()):
     """What the block's loss compares, by ``rc.target``: (pick(outputs) -> predictions, float targets,
     (N, K) per-sample weights, per-term channel profiles, rounding-regulariser weight per weight op)."""
     n_out = len(block.outputs)
     if rc.target is Target.BLOCK and all(isinstance(t, torch.Tensor) and t.is_floating_point()
                                          for t in f_out[:n_out]):
         # the block outputs' distance stands for all of its layers
-        term_w, term_profiles = _block_output_weights(block, f_out[0].shape[0], block_hs, rc)
+        term_w, term_profiles = _block_output_weights(block, f_out[0].shape[0], list(block_hs), rc)
         return (lambda outs: outs[:n_out]), f_out[:n_out], term_w, term_profiles, torch.ones(len(parts.weight_pos))
     return (lambda outs: outs[n_out:]), f_out[n_out:], layer_w, profiles, None
 
 
 def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n_train: int,
                  eval_idx: torch.Tensor, progress, shard: distributed.Shard | None = None,
-                 block_hs: HessianScores | None = None) -> tuple[float, float]:
+                 block_hs: list[HessianScores] = ()) -> tuple[float, float]:
     """``n_train`` / ``eval_idx``: global sample indices (training draws from the first n_train; the block's
     before/after test runs on eval_idx). Under torch.distributed each rank holds only its shard's values."""
     split = (lambda idx: (idx, idx)) if shard is None else shard.split
@@ -332,14 +335,6 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     return loss_before, loss_after
 
 
-def _with_compare_points(hs: HessianScores | None, extra: HessianScores | None) -> HessianScores | None:
-    """One score table holding the compare points and the extra block outputs (a block output can be both)."""
-    if hs is None or extra is None:
-        return hs
-    per_channel = None if hs.per_channel is None else {**hs.per_channel, **(extra.per_channel or {})}
-    return HessianScores(hs.names + extra.names, torch.cat([hs.scores, extra.scores], 1), hs.n_probes, per_channel)
-
-
 def _split(n: int, rc: ReconstructionConfig) -> tuple[int, torch.Tensor]:
     """(samples to train on = the first n_train, held-out indices for the fallback tests). With too few
     samples to spare a held-out part, everything trains and the tests run on the training samples."""
@@ -370,8 +365,8 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     if hessian.weight is not None:
         init_weight_scales_(prepared, config, hessian.weight)
     hs = hessian.activation
-    # Target.BLOCK's per-sample output weights (none when the loss weighs samples alike)
-    block_hs = _with_compare_points(hs, hessian.block_outputs) if hessian.weighs else None
+    # where Target.BLOCK looks up its per-sample output weights (nowhere when the loss weighs samples alike)
+    block_hs = [t for t in (hs, hessian.block_outputs) if t is not None] if hessian.weighs else []
     scores = hessian.scores(calib.n, len(cps))
     if hs is not None:  # for eptq_fx.report
         prepared.meta[HESSIAN_MEAN] = dict(zip(cps, hs.scores.mean(0).tolist()))
