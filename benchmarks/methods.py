@@ -28,7 +28,10 @@ VARIANTS = {
     "hmse": {},  # Hessian-weighted MSE weight thresholds (an EPTQConfig option, below)
     "kl": {"hessian_weighting": True},  # + the Hessian of the KL to the model's own softmax (HessianConfig)
     "fast": {},  # EPTQ_FAST_ITERS steps per block
+    "fusable": {},  # act_placement="fusable": join inputs quantized as int8 runtimes fuse them (an EPTQConfig option)
+    "inputs": {},  # act_placement="inputs": only the inputs of quantized layers
 }
+PLACEMENTS = ("fusable", "inputs")
 ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl",
              "eptq_block", "eptq_qdrop", "eptq_block_qdrop")
 OURS = ("rtn", "eptq", "eptq_fast", *ABLATIONS)
@@ -78,6 +81,7 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
     elif "fast" in opts:
         iters = iters or EPTQ_FAST_ITERS
     rc = {} if iters is None else {"iters": iters}
+    placement = {"act_placement": p for p in PLACEMENTS if p in opts}
     for opt in sorted(opts, key=lambda o: o == "uniform"):  # "network_uniform": uniform wins over network's
         rc.update(VARIANTS[opt])
     if "network" in opts:
@@ -85,7 +89,7 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
     reconstruction = ReconstructionConfig(**rc)
     return EPTQConfig(weight_bits=w_bits, act_bits=a_bits, method="rtn" if method == "rtn" else "eptq",
                       n_calib=n_calib, hessian=hessian, reconstruction=reconstruction, seed=budget.seed,
-                      weight_range="hmse" if "hmse" in opts else "mse")
+                      weight_range="hmse" if "hmse" in opts else "mse", **placement)
 
 
 def quantize_with(method: str, model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int,

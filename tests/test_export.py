@@ -190,10 +190,11 @@ def test_int8_onnx_fuses_into_qlinear_kernels(widths_data, tmp_path):
     assert ops.count("QLinearConv") >= 2
 
 
-def test_fusable_placement_lets_every_int8_conv_fuse(widths_data, tmp_path):
-    """ActPlacement.FUSABLE quantizes conv outputs that feed residual adds: ORT then runs 5 of tiny_resnet's 6
-    convs as QLinearConv (2 with the default placement; the stem's ReLU output also feeds a float skip path, so
-    it keeps a float Conv), and the file still computes our graph."""
+def test_fusable_placement_lets_every_int8_conv_and_add_fuse(widths_data, tmp_path):
+    """ActPlacement.FUSABLE quantizes conv outputs that feed residual adds and lets the shortcut read the
+    quantizer its value already has: ORT then runs all 6 of tiny_resnet's convs as QLinearConv and both residual
+    adds as QLinearAdd (2 convs and no add with the default placement, where the shortcut carries float
+    values), and the file still computes our graph."""
     import onnx
 
     model, calib, x = widths_data
@@ -208,8 +209,23 @@ def test_fusable_placement_lets_every_int8_conv_fuse(widths_data, tmp_path):
         assert float(np.abs(exact - ref).max()) <= 1e-5 * float(np.abs(ref).max())
         _ort_run(path, x[:2], optimized=str(tmp_path / f"{placement.value}_opt.onnx"))
         ops = [n.op_type for n in onnx.load(str(tmp_path / f"{placement.value}_opt.onnx")).graph.node]
-        counts[placement] = ops.count("QLinearConv")
-    assert counts[eptq_fx.ActPlacement.FUSABLE] == 5 > counts[eptq_fx.ActPlacement.INPUTS] == 2
+        counts[placement] = (ops.count("QLinearConv"), ops.count("QLinearAdd"))
+    assert counts[eptq_fx.ActPlacement.FUSABLE] == (6, 1)
+    assert counts[eptq_fx.ActPlacement.INPUTS] == (2, 0)
+
+
+def test_fusable_shortcut_shares_the_quantizer_of_the_layer_it_feeds():
+    """The residual shortcut reads the same fake-quantizer node as the next block's first conv (one Q/DQ pair,
+    not two), through the nn.Identity shortcut module; the default placement leaves the shortcut float."""
+    model, x = make_model("tiny_resnet"), example_input("tiny_resnet", 2, seed=1)
+    for placement, shared in ((eptq_fx.ActPlacement.FUSABLE, True), (eptq_fx.ActPlacement.INPUTS, False)):
+        config = EPTQConfig(method="rtn", act_range="minmax", act_placement=placement)
+        prepared = eptq_fx.prepare(model, config, example_inputs=(x,))
+        conv = next(n for n in prepared.graph.nodes if n.op == "call_module" and n.target == "block1.conv1")
+        shortcut = next(n for n in prepared.graph.nodes
+                        if n.op == "call_module" and n.target == "block1.shortcut")
+        assert (shortcut.args[0] is conv.args[0]) is shared
+        assert conv.args[0].target.startswith("eptq_act_quant_")
 
 
 def test_biases_sit_on_the_accumulator_grid_so_ort_rewrites_change_nothing(widths_data, tmp_path):

@@ -307,3 +307,21 @@ _JOIN_METHODS = ("add",)
 def is_join(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _JOIN_FUNCTIONS) or \
         (node.op == "call_method" and node.target in _JOIN_METHODS)
+
+
+# Ops that only move or select values (a residual shortcut's stride-2 slice and channel pad, reshapes): an int8
+# runtime can run them on quantized data, so the FUSABLE placement looks through them to the value they read.
+_MOVE_FUNCTIONS = (operator.getitem, torch.reshape, torch.flatten, torch.permute, torch.transpose,
+                   torch.nn.functional.pad, aten.slice.Tensor, aten.constant_pad_nd.default, aten.view.default,
+                   aten.reshape.default, aten.permute.default, aten.transpose.int, aten.flatten.using_ints)
+_MOVE_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "contiguous")
+_MOVE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+def is_data_movement(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _MOVE_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _MOVE_MODULES)
+    return node.op == "call_method" and node.target in _MOVE_METHODS
+

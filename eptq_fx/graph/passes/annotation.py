@@ -50,17 +50,35 @@ def _layer_bits(name: str, module: nn.Module | None, config: EPTQConfig, edge: b
     return w_bits, a_bits
 
 
-def _quantize_outputs_into_joins(gm: fx.GraphModule, config: EPTQConfig) -> None:
-    """``ActPlacement.FUSABLE``: a conv / linear output feeding an add or cat gets a quantizer on that edge (at
-    the layer's activation bits), so int8 runtimes see conv → Q and fuse the conv with its output quantization."""
+def _join_source(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """The value a join input reads, through data-movement ops (identity, slice, pad, reshape), and the first op of that
+    chain (None when the join reads the value directly)."""
+    first = None
+    while op_table.is_data_movement(gm, node) and isinstance(node.args[0], fx.Node) and len(node.users) == 1:
+        first, node = node, node.args[0]
+    return node, first
+
+
+def _quantize_join_inputs(gm: fx.GraphModule, config: EPTQConfig) -> None:
+    """``ActPlacement.FUSABLE``: the inputs of an add or cat are quantized wherever that lets an int8 runtime run
+    the join in integers. A conv / linear output gets a quantizer on that edge (at the layer's activation bits),
+    so runtimes see conv → Q and fuse the conv with its output quantization; a value that is quantized anyway
+    for another layer (the ReLU output a residual shortcut carries) feeds the join through that same quantizer,
+    so the join and the layer share one Q/DQ pair, as PT2E's X86InductorQuantizer annotates a residual. Values
+    that no layer quantizes (a transformer's residual stream) stay float."""
     for join in gm.graph.nodes:
         if not op_table.is_join(join):
             continue
-        for producer in join.all_input_nodes:
-            lq = producer.meta.get(LAYER_QUANT)
-            if lq is None or lq.act_bits is None or not is_weight_op(gm, producer) or not _is_float_output(producer):
+        for arg in join.all_input_nodes:
+            source, first = _join_source(gm, arg)
+            consumer = (first or join).name
+            if not _is_float_output(source):
                 continue
-            producer.meta.setdefault(ACT_QUANT, {})[join.name] = ActQuant(lq.act_bits, config.act_scheme)
+            lq, edges = source.meta.get(LAYER_QUANT), source.meta.get(ACT_QUANT)
+            if edges:  # already quantized for a layer: share that quantizer
+                edges.setdefault(consumer, next(iter(edges.values())))
+            elif lq is not None and lq.act_bits is not None and is_weight_op(gm, source):
+                source.meta[ACT_QUANT] = {consumer: ActQuant(lq.act_bits, config.act_scheme)}
 
 
 def annotate(gm: fx.GraphModule, config: EPTQConfig) -> fx.GraphModule:
@@ -85,7 +103,7 @@ def annotate(gm: fx.GraphModule, config: EPTQConfig) -> fx.GraphModule:
                 continue
             producer.meta.setdefault(ACT_QUANT, {})[node.name] = ActQuant(a_bits, config.act_scheme)
     if config.act_placement is ActPlacement.FUSABLE:
-        _quantize_outputs_into_joins(gm, config)
+        _quantize_join_inputs(gm, config)
     n_w = sum(1 for n in ops if n.meta[LAYER_QUANT].weight_bits is not None)
     logger.info("annotated %d quant ops (%d with quantized weights)", len(ops), n_w)
     gm.graph.lint()
