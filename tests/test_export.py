@@ -210,8 +210,23 @@ def test_fusable_placement_lets_every_int8_conv_and_add_fuse(widths_data, tmp_pa
         _ort_run(path, x[:2], optimized=str(tmp_path / f"{placement.value}_opt.onnx"))
         ops = [n.op_type for n in onnx.load(str(tmp_path / f"{placement.value}_opt.onnx")).graph.node]
         counts[placement] = (ops.count("QLinearConv"), ops.count("QLinearAdd"))
-    assert counts[eptq_fx.ActPlacement.FUSABLE] == (6, 1)
+    assert counts[eptq_fx.ActPlacement.FUSABLE] == counts[eptq_fx.ActPlacement.AUTO] == (6, 1)
     assert counts[eptq_fx.ActPlacement.INPUTS] == (2, 0)
+
+
+def test_auto_placement_is_fusable_only_for_8_bit_activations():
+    """AUTO adds the join quantizers where runtimes have int8 kernels (8-bit activations) and leaves 4-bit
+    activations where INPUTS puts them; FUSABLE adds them at any width."""
+    model, x = make_model("tiny_resnet"), example_input("tiny_resnet", 2, seed=1)
+
+    def n_quantizers(a_bits, placement):
+        config = EPTQConfig(method="rtn", act_bits=a_bits, act_placement=placement)
+        prepared = eptq_fx.prepare(model, config, example_inputs=(x,))
+        return sum(1 for n in prepared.graph.nodes if n.op == "call_module" and "eptq_act_quant_" in n.target)
+
+    P = eptq_fx.ActPlacement
+    assert n_quantizers(8, P.AUTO) == n_quantizers(8, P.FUSABLE) > n_quantizers(8, P.INPUTS)
+    assert n_quantizers(4, P.AUTO) == n_quantizers(4, P.INPUTS) < n_quantizers(4, P.FUSABLE)
 
 
 def test_fusable_shortcut_shares_the_quantizer_of_the_layer_it_feeds():

@@ -67,6 +67,25 @@ def test_uniform_loss_still_scores_the_layers_for_the_report():
     assert estimate_hessian(_calibrated(model, x, skip), CalibSet((x,)), skip, progress=False).activation is None
 
 
+def test_report_only_scores_use_a_sample_subset_and_few_probes():
+    """With uniform loss weights the scores only rank the layers: they come from ``report_samples`` samples
+    with at most ``report_probes`` probes each, and rank the layers as the full estimate (every sample,
+    exact traces of the 10 logits) does."""
+    model, x = make_model("small_cnn"), example_input("small_cnn", batch_size=128, seed=5)
+    hc = HessianConfig(max_probes=100, min_probes=10, cache_dir=None, report_samples=48, report_probes=10)
+    uniform = dataclasses.replace(CFG, hessian=hc,
+                                  reconstruction=dataclasses.replace(CFG.reconstruction, hessian_weighting=False))
+    weighted = dataclasses.replace(uniform, reconstruction=CFG.reconstruction)
+    a = _calibrated(model, x, uniform)
+    ranking = estimate_hessian(a, CalibSet((x,)), uniform, progress=False).activation
+    full = estimate_hessian(a, CalibSet((x,)), weighted, progress=False).activation
+    assert ranking.scores.shape == (48, full.scores.shape[1]) and full.scores.shape[0] == 128
+    assert ranking.n_probes <= 10
+    order = lambda t: torch.argsort(t.scores.mean(0)).tolist()  # noqa: E731
+    assert order(ranking) == order(full)
+    torch.testing.assert_close(ranking.scores.mean(0), full.scores.mean(0), rtol=0.25, atol=0)
+
+
 def test_hmse_weight_hessian_comes_from_the_stage():
     cfg = dataclasses.replace(CFG, weight_range="hmse")
     model, x = make_model("small_cnn"), example_input("small_cnn", batch_size=64, seed=5)

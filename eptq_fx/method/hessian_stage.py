@@ -61,8 +61,11 @@ def estimate_hessian(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConf
         blk = None
         if not rc.hessian_weighting and hc.report_scores:
             # the loss weighs every sample alike; the scores still rank the layers' sensitivity (eptq_fx.report)
+            probes = min(hc.max_probes, hc.report_probes)
+            ranking = dataclasses.replace(hc, max_probes=probes, min_probes=min(hc.min_probes, probes))
             try:
-                act = label_free_hessian(prepared, compare_points(prepared), local, hc, seed=config.seed,
+                act = label_free_hessian(prepared, compare_points(prepared),
+                                         local.subset(hc.report_samples, config.seed), ranking, seed=config.seed,
                                          progress=progress)
                 act = _gathered(act)
             except HessianError as e:  # nothing downstream needs them: say so and go on without

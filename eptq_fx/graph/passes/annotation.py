@@ -59,13 +59,14 @@ def _join_source(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node | 
     return node, first
 
 
-def _quantize_join_inputs(gm: fx.GraphModule, config: EPTQConfig) -> None:
+def _quantize_join_inputs(gm: fx.GraphModule, config: EPTQConfig, only_bits: int | None = None) -> None:
     """``ActPlacement.FUSABLE``: the inputs of an add or cat are quantized wherever that lets an int8 runtime run
     the join in integers. A conv / linear output gets a quantizer on that edge (at the layer's activation bits),
     so runtimes see conv → Q and fuse the conv with its output quantization; a value that is quantized anyway
     for another layer (the ReLU output a residual shortcut carries) feeds the join through that same quantizer,
     so the join and the layer share one Q/DQ pair, as PT2E's X86InductorQuantizer annotates a residual. Values
-    that no layer quantizes (a transformer's residual stream) stay float."""
+    that no layer quantizes (a transformer's residual stream) stay float. ``only_bits``: only at that
+    activation width."""
     for join in gm.graph.nodes:
         if not op_table.is_join(join):
             continue
@@ -76,8 +77,11 @@ def _quantize_join_inputs(gm: fx.GraphModule, config: EPTQConfig) -> None:
                 continue
             lq, edges = source.meta.get(LAYER_QUANT), source.meta.get(ACT_QUANT)
             if edges:  # already quantized for a layer: share that quantizer
-                edges.setdefault(consumer, next(iter(edges.values())))
-            elif lq is not None and lq.act_bits is not None and is_weight_op(gm, source):
+                spec = next(iter(edges.values()))
+                if only_bits is None or spec.bits == only_bits:
+                    edges.setdefault(consumer, spec)
+            elif lq is not None and lq.act_bits is not None and is_weight_op(gm, source) and \
+                    (only_bits is None or lq.act_bits == only_bits):
                 source.meta[ACT_QUANT] = {consumer: ActQuant(lq.act_bits, config.act_scheme)}
 
 
@@ -102,8 +106,8 @@ def annotate(gm: fx.GraphModule, config: EPTQConfig) -> fx.GraphModule:
                 logger.info("input %s of %s is not floating point: left unquantized", producer.name, name)
                 continue
             producer.meta.setdefault(ACT_QUANT, {})[node.name] = ActQuant(a_bits, config.act_scheme)
-    if config.act_placement is ActPlacement.FUSABLE:
-        _quantize_join_inputs(gm, config)
+    if config.act_placement is not ActPlacement.INPUTS:
+        _quantize_join_inputs(gm, config, only_bits=8 if config.act_placement is ActPlacement.AUTO else None)
     n_w = sum(1 for n in ops if n.meta[LAYER_QUANT].weight_bits is not None)
     logger.info("annotated %d quant ops (%d with quantized weights)", len(ops), n_w)
     gm.graph.lint()
