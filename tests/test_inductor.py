@@ -1,6 +1,8 @@
 """compile_for_inductor: the converted graph reaches Inductor's oneDNN int8 kernels (pattern-matcher counts)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -15,9 +17,9 @@ W_BITS = 8 if cpu_has_vnni() else 7
 CONFIG = EPTQConfig(method="rtn", weight_bits=W_BITS, act_bits=8, act_range="minmax", first_last_8bit=False)
 
 
-def _compiled_counts(name: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def _compiled_counts(name: str, config: EPTQConfig = CONFIG) -> tuple[dict, torch.Tensor, torch.Tensor]:
     model = make_model(name)
-    q = eptq_fx.quantize(model, example_input(name, 64, seed=1), CONFIG, progress=False)
+    q = eptq_fx.quantize(model, example_input(name, 64, seed=1), config, progress=False)
     x = example_input(name, 16, seed=2)
     torch._dynamo.reset()
     counters.clear()
@@ -39,6 +41,15 @@ def test_convs_and_linears_lower_to_int8_kernels_and_freezing_stays_scoped():
     # int8 kernels requantize with their own rounding: a value on a rounding boundary may move one step
     assert float((out.argmax(1) == ref.argmax(1)).float().mean()) >= 0.9
     assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+
+
+def test_fusable_placement_gives_every_conv_an_int8_output():
+    """With the join inputs quantized (FUSABLE), Inductor fuses each conv with the quantization of its output
+    (6 of 6 convs, against the 3 that feed no residual add with INPUTS)."""
+    counts = {p: _compiled_counts("tiny_resnet", dataclasses.replace(CONFIG, act_placement=p))[0]
+              for p in (eptq_fx.ActPlacement.INPUTS, eptq_fx.ActPlacement.FUSABLE)}
+    assert counts[eptq_fx.ActPlacement.FUSABLE].get("qconv_unary_matcher_count", 0) == 6
+    assert counts[eptq_fx.ActPlacement.INPUTS].get("qconv_unary_matcher_count", 0) == 3
 
 
 @pytest.mark.slow
