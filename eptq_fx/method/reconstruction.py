@@ -227,15 +227,26 @@ def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx
     n = next(iter(values[name] for name in block.inputs)).shape[0] if block.inputs else 0
     order = torch.arange(n) if idx is None else idx
     device = _module_device(sub)
-    chunks: list[list[torch.Tensor]] = []
+    chunks: list[list] = []
+    filled: list[torch.Tensor | None] = []  # tensor outputs, written in place: no second copy from torch.cat
     with torch.no_grad():
         for i in range(0, len(order), batch_size):
             sel = order[i:i + batch_size]
-            outs = sub(*(_on(values[name][sel], device) for name in block.inputs))
-            chunks.append(list(_to_host_if_large(outs, device, len(sel), len(order))))
+            outs = list(_to_host_if_large(sub(*(_on(values[name][sel], device) for name in block.inputs)),
+                                          device, len(sel), len(order)))
+            if i == 0:
+                filled = [o.new_empty((len(order), *o.shape[1:]))
+                          if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == len(sel) else None
+                          for o in outs]
+            for j, o in enumerate(outs):
+                if filled[j] is not None:
+                    filled[j][i:i + len(sel)] = o
+                    outs[j] = None
+            chunks.append(outs)
     # a block output can be a tuple / namedtuple / dict (a model output): join it leaf by leaf
     join = lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0]  # noqa: E731
-    return [tree_map(join, *[c[j] for c in chunks]) for j in range(len(chunks[0]))]
+    return [filled[j] if filled[j] is not None else tree_map(join, *[c[j] for c in chunks])
+            for j in range(len(chunks[0]))]
 
 
 def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
