@@ -5,8 +5,8 @@
 For each model: float eager, float ``torch.compile``, torchao PT2E X86InductorQuantizer int8 compiled (freezing
 on, as PT2E's Inductor recipe asks), eptq_fx W8A8 through ``compile_for_inductor``, ONNX Runtime on the float
 model, on PT2E's int8 program through torch.onnx (where that exports) and on eptq_fx W8A8 / W4A8 / W4A4 (RTN, 256
-calibration images); eptq_fx W8A8 also with the other activation placement (``act_placement="fusable"``) in
-Inductor and ORT. Latencies are medians over interleaved
+calibration images); eptq_fx W8A8 with both activation placements (``act_placement="inputs"`` and
+``"fusable"``) in Inductor and ORT, W4A8 / W4A4 with the default placement. Latencies are medians over interleaved
 rounds (every runtime timed once per round, in turn), so load from other processes on a shared machine hits all
 of them alike: read the ratios, not the absolute times. Agreement: top-1 agreement with the reference
 GraphModule (the eptq_fx GraphModule of the same bits; float eager for the float runtimes; the PT2E program run
@@ -86,13 +86,15 @@ def build_runtimes(name: str, threads: int, workdir: Path) -> tuple[dict, dict, 
     info["float eager"] = {"ref": "float eager", "size": _pt2_size(model, example)}
     rt["float torch.compile"] = torch.compile(copy.deepcopy(model))
     info["float torch.compile"] = {"ref": "float eager", "size": info["float eager"]["size"]}
+    # W8A8 with both activation placements (fusable: join inputs quantized, what int8 backends fuse); the
+    # narrower widths with the default placement
+    settings = {"W8A8 inputs": (8, 8, "inputs"), "W8A8 fusable": (8, 8, "fusable"), "W4A8": (4, 8, None),
+                "W4A4": (4, 4, None)}
     quantized = {}
-    for w, a in ((8, 8), (4, 8), (4, 4)):
-        cfg = EPTQConfig(method="rtn", weight_bits=w, act_bits=a, n_calib=256)
-        quantized[(w, a)] = eptq_fx.quantize(model, calib, cfg, progress=False)
-    # the other placement: Q/DQ also on conv/linear outputs that feed an add (what int8 backends fuse)
-    fusable = eptq_fx.quantize(model, calib, EPTQConfig(method="rtn", n_calib=256, act_placement="fusable"),
-                               progress=False)
+    for label, (w, a, placement) in settings.items():
+        extra = {} if placement is None else {"act_placement": placement}
+        cfg = EPTQConfig(method="rtn", weight_bits=w, act_bits=a, n_calib=256, **extra)
+        quantized[label] = eptq_fx.quantize(model, calib, cfg, progress=False)
     try:
         pt2e = _pt2e_int8(model, calib)
         rt["PT2E int8 eager"] = pt2e
@@ -107,7 +109,8 @@ def build_runtimes(name: str, threads: int, workdir: Path) -> tuple[dict, dict, 
                                                     "size": info["PT2E int8 eager"]["size"]}
         except Exception as e:
             info["PT2E int8 compile (freezing)"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    for label, q in (("W8A8", quantized[(8, 8)]), ("W8A8 fusable", fusable)):
+    for label in ("W8A8 inputs", "W8A8 fusable"):
+        q = quantized[label]
         key = f"eptq_fx {label} GraphModule"
         rt[key], info[key] = q, {"ref": key, "size": _pt2_size(q, example)}
         # on a CPU without VNNI these 8-bit weights saturate in oneDNN: measured anyway, the agreement shows it
@@ -127,7 +130,7 @@ def build_runtimes(name: str, threads: int, workdir: Path) -> tuple[dict, dict, 
             info["ORT PT2E int8 (torch.onnx)"] = {"ref": "PT2E int8 eager", "size": pt2e_onnx.stat().st_size}
         except Exception as e:
             info["ORT PT2E int8 (torch.onnx)"] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-    for label, q in [(f"W{w}A{a}", q) for (w, a), q in quantized.items()] + [("W8A8 fusable", fusable)]:
+    for label, q in quantized.items():
         key = f"eptq_fx {label} GraphModule"
         if key not in rt:
             rt[key], info[key] = q, {"ref": key, "size": None}

@@ -60,7 +60,8 @@ class _BlockTimes(logging.Handler):
             self.seconds.append(float(record.args[-1]))
 
 
-def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | None) -> dict:
+def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | None,
+        report: tuple[int, int] | None = None) -> dict:
     import eptq_fx
     from eptq_fx.method.hessian_stage import estimate_hessian
     from eptq_fx.method.reconstruction import reconstruct
@@ -72,7 +73,9 @@ def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | 
     cache = tempfile.mkdtemp(prefix="eptq_scale_")
     base = eptq_fx.EPTQConfig(weight_bits=4, act_bits=8, n_calib=n_calib)
     config = dataclasses.replace(
-        base, hessian=dataclasses.replace(base.hessian, cache_dir=cache, batch_size=hessian_batch),
+        base, hessian=dataclasses.replace(base.hessian, cache_dir=cache, batch_size=hessian_batch,
+                                          **({} if report is None else
+                                             {"report_samples": report[0], "report_probes": report[1]})),
         reconstruction=dataclasses.replace(base.reconstruction, iters=iters))
     t = time.perf_counter()
     gm = eptq_fx.capture(model, (x[:2],))
@@ -101,6 +104,7 @@ def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | 
     eptq_fx.convert(prepared)
     stages["convert"] = time.perf_counter() - t
     return {"model": name, "n_calib": n_calib, "iters": iters, "threads": torch.get_num_threads(),
+            "report_samples": config.hessian.report_samples, "report_probes": config.hessian.report_probes,
             "stages_s": {k: round(v, 2) for k, v in stages.items()},
             "blocks_s": [round(s, 2) for s in handler.seconds], "peak_rss_gb": {k: round(v, 2) for k, v in rss.items()}}
 
@@ -112,13 +116,16 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=500)
     parser.add_argument("--hessian-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--report", type=int, nargs=2, metavar=("SAMPLES", "PROBES"), default=None,
+                        help="HessianConfig.report_samples / report_probes (default: the library's); "
+                             "'--report 1024 100' scores every image with up to 100 probes, as before issue 13")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [run(m, args.n_calib, args.iters, args.hessian_batch, args.threads) for m in args.models]
+    rows = [run(m, args.n_calib, args.iters, args.hessian_batch, args.threads, args.report) for m in args.models]
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    keep = [r for r in old if (r["model"], r["n_calib"], r["iters"]) not in
-            {(r["model"], r["n_calib"], r["iters"]) for r in rows}]
+    key = lambda r: (r["model"], r["n_calib"], r["iters"], r.get("report_samples"), r.get("report_probes"))  # noqa: E731
+    keep = [r for r in old if key(r) not in {key(r) for r in rows}]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(json.dumps(keep + rows, indent=1))
