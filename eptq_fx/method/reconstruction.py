@@ -221,6 +221,14 @@ def _to_host_if_large(outs, device: torch.device | None, batch: int, n: int):
     return tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, outs)
 
 
+def _quantizers_train_(sub: fx.GraphModule, mode: bool) -> None:
+    for m in sub.modules():
+        if isinstance(m, (ActQuantizer, QuantWeightOp)):
+            m.train(mode)
+    if not mode:
+        sub.eval()
+
+
 def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx: torch.Tensor | None,
          batch_size: int = 256) -> list[torch.Tensor]:
     """Run a block subgraph over the (indexed) samples in batches; returns its outputs concatenated."""
@@ -318,7 +326,9 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     # its minibatch sequence)
     drop_seed = int(torch.randint(0, 2 ** 30, (1,), generator=gen)) * 1_000_003 if rc.qdrop > 0 else 0
     if trainer.opt is not None:
-        sub.train()
+        # only the quantizers train (QDrop draws its masks in training mode); BatchNorms that could not be
+        # folded keep their running statistics and dropout stays off, as in the model being quantized
+        _quantizers_train_(sub, True)
         for step in tqdm(range(rc.iters), desc=f"block {block.index}", disable=not progress, leave=False):
             trainer.set_phase(step)
             idx = torch.randint(0, n_train, (rc.batch_size,), generator=gen)
@@ -333,7 +343,7 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
                 loss.backward()
             distributed.all_reduce_grads_(p for g in trainer.opt.param_groups for p in g["params"])
             trainer.opt.step()
-        sub.eval()
+        _quantizers_train_(sub, False)
     trainer.finish()
     with torch.no_grad():
         loss_after = global_loss(eval_idx)
