@@ -44,7 +44,8 @@ def _config_from_args(args: argparse.Namespace):
     kw = {} if args.n_calib is None else {"n_calib": args.n_calib}
     return EPTQConfig(weight_bits=w_bits, act_bits=a_bits, method=args.method, seed=args.seed,
                       first_last_8bit=args.first_last_8bit, overrides=overrides, hessian=hessian,
-                      reconstruction=rc, weight_memory=parse_weight_memory(args.weight_memory), **kw)
+                      reconstruction=rc, weight_memory=parse_weight_memory(args.weight_memory),
+                      act_placement=args.act_placement, **kw)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--first-last-8bit", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the first and last weight layer at 8 bits (default on)")
+    q.add_argument("--act-placement", default="auto", choices=("auto", "fusable", "inputs"),
+                   help="activation quantizers: inputs of quantized layers only (inputs), also the inputs of adds "
+                        "and concatenations that int8 runtimes fuse (fusable), or fusable at 8-bit activations "
+                        "and inputs below (auto, the default)")
     q.add_argument("--override", action="append", default=[], metavar="SEL:w=B,a=B",
                    help="per-layer widths: name=LAYER:w=8,a=8, regex=RE:w=8, type=torch.nn.Linear:w=none "
                         "(repeatable; later ones win)")

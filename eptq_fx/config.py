@@ -226,7 +226,7 @@ class EPTQConfig:
     act_range: Literal["minmax", "mse"] = "mse"
     n_grid: int = 100  # clipping-ratio grid size of the scale searches
     first_last_8bit: bool = True  # first and last weight layer (and their input activations) at 8 bits
-    act_placement: ActPlacement = ActPlacement.INPUTS
+    act_placement: ActPlacement = ActPlacement.AUTO
     overrides: tuple[Override, ...] = ()
     n_calib: int = 1024
     calib_batch_size: int = 32

@@ -460,3 +460,14 @@ def test_progress_bars_follow_the_terminal(monkeypatch, tty, flags, expected):
     rest = [f for f in flags if f != "-q"]
     args = build_parser().parse_args([*quiet, "quantize", "--calib", "c.npz", *rest])
     assert _progress(args) is expected
+
+
+def test_act_placement_option_reaches_the_config():
+    from eptq_fx.cli import _config_from_args, build_parser
+    from eptq_fx.config import ActPlacement
+
+    parser = build_parser()
+    base = ["quantize", "--model-module", "m:f", "--calib", "c.npz"]
+    assert _config_from_args(parser.parse_args(base)).act_placement is ActPlacement.AUTO
+    assert _config_from_args(parser.parse_args(base + ["--act-placement", "inputs"])).act_placement \
+        is ActPlacement.INPUTS
