@@ -216,3 +216,15 @@ def test_combine_merges_runs_filters_methods_and_later_runs_win(tmp_path):
     text = md.read_text()
     assert "| W4A8 | rtn | 71.00 | +9.00 |" in text and "eptq_uniform" not in text
     assert (tmp_path / "all.png").is_file()
+
+
+def test_method_variants_reach_the_config():
+    """``eptq+a+b`` names combine VARIANTS; the placement options set EPTQConfig.act_placement."""
+    from benchmarks.methods import _eptq_config
+    from eptq_fx.config import ActPlacement
+
+    budget = Budget()
+    assert _eptq_config("eptq", 4, 8, 64, budget).act_placement is ActPlacement.AUTO
+    assert _eptq_config("eptq+fusable", 4, 8, 64, budget).act_placement is ActPlacement.FUSABLE
+    cfg = _eptq_config("eptq+inputs+hessian", 4, 4, 64, budget)
+    assert cfg.act_placement is ActPlacement.INPUTS and cfg.reconstruction.hessian_weighting
