@@ -230,8 +230,9 @@ def _quantizers_train_(sub: fx.GraphModule, mode: bool) -> None:
 
 
 def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx: torch.Tensor | None,
-         batch_size: int = 256) -> list[torch.Tensor]:
-    """Run a block subgraph over the (indexed) samples in batches; returns its outputs concatenated."""
+         batch_size: int = 256, keep: int | None = None) -> list[torch.Tensor]:
+    """Run a block subgraph over the (indexed) samples in batches; returns its outputs concatenated (only the
+    first ``keep`` of them: the block outputs without the compare points' copies, which can be the largest)."""
     n = next(iter(values[name] for name in block.inputs)).shape[0] if block.inputs else 0
     order = torch.arange(n) if idx is None else idx
     device = _module_device(sub)
@@ -240,8 +241,8 @@ def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx
     with torch.no_grad():
         for i in range(0, len(order), batch_size):
             sel = order[i:i + batch_size]
-            outs = list(_to_host_if_large(sub(*(_on(values[name][sel], device) for name in block.inputs)),
-                                          device, len(sel), len(order)))
+            outs = list(sub(*(_on(values[name][sel], device) for name in block.inputs)))[:keep]
+            outs = list(_to_host_if_large(outs, device, len(sel), len(order)))
             if i == 0:
                 filled = [o.new_empty((len(order), *o.shape[1:]))
                           if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == len(sel) else None
@@ -423,14 +424,17 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             before, after = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen,
                                          n_train, hold_idx, progress, shard if distributed.is_active() else None,
                                          block_hs)
-            q_out = _run(sub, q_vals, block, None)
+            q_out = _run(sub, q_vals, block, None, keep=n_out)
+            # the layers' SQNR for the log, on (this rank's) first samples rather than a second full-size copy
+            probe = torch.arange(min(EVAL_SAMPLES, f_targets[0].shape[0])) if f_targets else None
+            q_eval = _run(sub, q_vals, block, probe)[n_out:] if f_targets else []
             logger.info("block %d (%s): loss %.4g -> %.4g, SQNR %.1f dB, %.1f s", block.index,
-                        ",".join(block.quant_ops), before, after, _sqnr_db(q_out[n_out:], f_targets),
-                        time.perf_counter() - tb)
+                        ",".join(block.quant_ops), before, after,
+                        _sqnr_db(q_eval, [t[probe] for t in f_targets]), time.perf_counter() - tb)
             if ckpt is not None and distributed.is_lead():
                 ckpt.save_block(block.index, parts)
         else:
-            q_out = _run(sub, q_vals, block, None)
+            q_out = _run(sub, q_vals, block, None, keep=n_out)
         for j, name in enumerate(block.outputs):
             f_vals[name], q_vals[name] = f_out[j], q_out[j]
         for name in [k for k in f_vals if last_use.get(k, -1) <= block.index]:
