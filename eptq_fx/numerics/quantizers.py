@@ -19,6 +19,10 @@ from eptq_fx.numerics import kernels
 WEIGHT_OPS = ops.WEIGHT_MODULE_TYPES  # the op table's weight modules
 # Most values an observer keeps per quantizer for the MSE range search (a seeded random subset beyond that).
 MAX_OBSERVED = 1 << 18
+# Up to this many elements per batch the kept values are drawn without replacement (a random permutation);
+# above it, with replacement: drawing a permutation of a (32, 64, 112, 112) map took more time and memory than
+# the forward pass that made it.
+_PERMUTE_UP_TO = 1 << 22
 
 
 def signed_range(bits: int) -> tuple[int, int]:
@@ -208,7 +212,10 @@ class ActQuantizer(nn.Module):
         # keep a fixed share of every batch so the kept sample is spread over the whole calibration set
         keep = min(x.numel(), max(1, MAX_OBSERVED // 64))
         if keep < x.numel():
-            idx = torch.randperm(x.numel(), generator=self._gen)[:keep]
+            if x.numel() <= _PERMUTE_UP_TO:
+                idx = torch.randperm(x.numel(), generator=self._gen)[:keep]
+            else:  # a permutation of every element would cost more than the batch itself (224×224 maps)
+                idx = torch.randint(0, x.numel(), (keep,), generator=self._gen)
             x = x.cpu()[idx]
         self._samples.append(x.cpu())
         self._n_seen += x.numel()
