@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
 from eptq_fx import distributed
@@ -26,6 +25,7 @@ from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
 from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points
 from eptq_fx.method.activation_hessian import HessianScores
+from eptq_fx.method.block_runner import module_device, on_device, quantizers_train_, run_block
 from eptq_fx.method.checkpoint import RunCheckpoint
 from eptq_fx.method.fallback import float_outputs, output_error, restore_rtn_, snapshot_rtn
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
@@ -204,64 +204,6 @@ class _Trainer:
             aq.fold_gain_()
 
 
-def _module_device(module: torch.nn.Module) -> torch.device | None:
-    return next((t.device for t in (*module.parameters(), *module.buffers())), None)
-
-
-def _to_host_if_large(outs, device: torch.device | None, batch: int, n: int):
-    """Cached block outputs stay where the block ran unless they are on a GPU that could not also hold the
-    next block's training (a quarter of its free memory, estimated from the first batch): then on the host,
-    and the minibatches go back to the GPU as they are drawn."""
-    if device is None or device.type != "cuda":
-        return outs
-    leaves = [t for t in tree_flatten(outs)[0] if isinstance(t, torch.Tensor)]
-    total = sum(t.numel() * t.element_size() for t in leaves) * n // max(1, batch)
-    if total <= torch.cuda.mem_get_info(device)[0] // 4:
-        return outs
-    return tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, outs)
-
-
-def _quantizers_train_(sub: fx.GraphModule, mode: bool) -> None:
-    for m in sub.modules():
-        if isinstance(m, (ActQuantizer, QuantWeightOp)):
-            m.train(mode)
-    if not mode:
-        sub.eval()
-
-
-def _run(sub: fx.GraphModule, values: dict[str, torch.Tensor], block: Block, idx: torch.Tensor | None,
-         batch_size: int = 256, keep: int | None = None) -> list[torch.Tensor]:
-    """Run a block subgraph over the (indexed) samples in batches; returns its outputs concatenated (only the
-    first ``keep`` of them: the block outputs without the compare points' copies, which can be the largest)."""
-    n = next(iter(values[name] for name in block.inputs)).shape[0] if block.inputs else 0
-    order = torch.arange(n) if idx is None else idx
-    device = _module_device(sub)
-    chunks: list[list] = []
-    filled: list[torch.Tensor | None] = []  # tensor outputs, written in place: no second copy from torch.cat
-    with torch.no_grad():
-        for i in range(0, len(order), batch_size):
-            sel = order[i:i + batch_size]
-            outs = list(sub(*(_on(values[name][sel], device) for name in block.inputs)))[:keep]
-            outs = list(_to_host_if_large(outs, device, len(sel), len(order)))
-            if i == 0:
-                filled = [o.new_empty((len(order), *o.shape[1:]))
-                          if isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == len(sel) else None
-                          for o in outs]
-            for j, o in enumerate(outs):
-                if filled[j] is not None:
-                    filled[j][i:i + len(sel)] = o
-                    outs[j] = None
-            chunks.append(outs)
-    # a block output can be a tuple / namedtuple / dict (a model output): join it leaf by leaf
-    join = lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0]  # noqa: E731
-    return [filled[j] if filled[j] is not None else tree_map(join, *[c[j] for c in chunks])
-            for j in range(len(chunks[0]))]
-
-
-def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
-    return t if device is None or not isinstance(t, torch.Tensor) else t.to(device, non_blocking=True)
-
-
 def _block_output_weights(block: Block, n: int, tables: list[HessianScores], rc: ReconstructionConfig):
     """Under Target.BLOCK: (N, K) per-sample weights of the block's K outputs, each the sample's label-free
     Hessian trace at that output over its mean (so a term keeps its scale; ones where no score exists: a tuple
@@ -297,20 +239,20 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     """``n_train`` / ``eval_idx``: global sample indices (training draws from the first n_train; the block's
     before/after test runs on eval_idx). Under torch.distributed each rank holds only its shard's values."""
     split = (lambda idx: (idx, idx)) if shard is None else shard.split
-    device = _module_device(sub)
+    device = module_device(sub)
     pick, f_targets, term_w, profiles, reg_w = _loss_terms(block, parts, f_out, layer_w, profiles, rc, block_hs)
     if reg_w is None:
         reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
-    term_w = _on(term_w, device)
-    profiles = [None if p is None else _on(p, device) for p in profiles]
+    term_w = on_device(term_w, device)
+    profiles = [None if p is None else on_device(p, device) for p in profiles]
 
     def block_loss(idx: torch.Tensor) -> torch.Tensor:
         # idx: global sample indices; q_vals / f_targets hold this rank's samples only (all of them in 1 process)
         g, loc = split(idx)
         if len(loc) == 0:
             return torch.zeros(())
-        preds = pick(sub(*(_on(q_vals[name][loc], device) for name in block.inputs)))
-        per_term = torch.stack([_distance(p, _on(f_targets[j][loc], device),
+        preds = pick(sub(*(on_device(q_vals[name][loc], device) for name in block.inputs)))
+        per_term = torch.stack([_distance(p, on_device(f_targets[j][loc], device),
                                           None if profiles[j] is None else profiles[j][g])
                                 for j, p in enumerate(preds)], 1)
         weighted = (per_term * term_w[g]).sum(1)
@@ -327,9 +269,7 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     # its minibatch sequence)
     drop_seed = int(torch.randint(0, 2 ** 30, (1,), generator=gen)) * 1_000_003 if rc.qdrop > 0 else 0
     if trainer.opt is not None:
-        # only the quantizers train (QDrop draws its masks in training mode); BatchNorms that could not be
-        # folded keep their running statistics and dropout stays off, as in the model being quantized
-        _quantizers_train_(sub, True)
+        quantizers_train_(sub, True)  # unfolded BatchNorms keep their running statistics
         for step in tqdm(range(rc.iters), desc=f"block {block.index}", disable=not progress, leave=False):
             trainer.set_phase(step)
             idx = torch.randint(0, n_train, (rc.batch_size,), generator=gen)
@@ -344,7 +284,7 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
                 loss.backward()
             distributed.all_reduce_grads_(p for g in trainer.opt.param_groups for p in g["params"])
             trainer.opt.step()
-        _quantizers_train_(sub, False)
+        quantizers_train_(sub, False)
     trainer.finish()
     with torch.no_grad():
         loss_after = global_loss(eval_idx)
@@ -412,7 +352,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         sub = block_subgraph(prepared, block)
         parts = _block_parts(prepared, block, cps)
         with quant_disabled(prepared):
-            f_out = _run(sub, f_vals, block, None)
+            f_out = run_block(sub, f_vals, block, None)
         n_out = len(block.outputs)
         f_targets = f_out[n_out:]
         done = ckpt is not None and ckpt.restore_block_(block.index, parts)
@@ -424,17 +364,17 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             before, after = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen,
                                          n_train, hold_idx, progress, shard if distributed.is_active() else None,
                                          block_hs)
-            q_out = _run(sub, q_vals, block, None, keep=n_out)
+            q_out = run_block(sub, q_vals, block, None, keep=n_out)
             # the layers' SQNR for the log, on (this rank's) first samples rather than a second full-size copy
             probe = torch.arange(min(EVAL_SAMPLES, f_targets[0].shape[0])) if f_targets else None
-            q_eval = _run(sub, q_vals, block, probe)[n_out:] if f_targets else []
+            q_eval = run_block(sub, q_vals, block, probe)[n_out:] if f_targets else []
             logger.info("block %d (%s): loss %.4g -> %.4g, SQNR %.1f dB, %.1f s", block.index,
                         ",".join(block.quant_ops), before, after,
                         _sqnr_db(q_eval, [t[probe] for t in f_targets]), time.perf_counter() - tb)
             if ckpt is not None and distributed.is_lead():
                 ckpt.save_block(block.index, parts)
         else:
-            q_out = _run(sub, q_vals, block, None, keep=n_out)
+            q_out = run_block(sub, q_vals, block, None, keep=n_out)
         for j, name in enumerate(block.outputs):
             f_vals[name], q_vals[name] = f_out[j], q_out[j]
         for name in [k for k in f_vals if last_use.get(k, -1) <= block.index]:
