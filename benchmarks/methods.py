@@ -30,6 +30,8 @@ VARIANTS = {
     "fast": {},  # EPTQ_FAST_ITERS steps per block
     "fusable": {},  # act_placement="fusable": join inputs quantized as int8 runtimes fuse them (an EPTQConfig option)
     "inputs": {},  # act_placement="inputs": only the inputs of quantized layers
+    "bf16cache": {"cache_precision": "bfloat16"},  # activation caches between blocks stored in bfloat16
+    "bf16": {"cache_precision": "bfloat16", "compute_precision": "bfloat16"},  # + training steps under autocast
 }
 PLACEMENTS = ("fusable", "inputs")
 ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl",

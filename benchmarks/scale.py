@@ -61,9 +61,10 @@ class _BlockTimes(logging.Handler):
 
 
 def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | None,
-        report: tuple[int, int] | None = None) -> dict:
+        report: tuple[int, int] | None = None, precision: tuple[str, str] = ("float32", "float32"),
+        skip_hessian: bool = False) -> dict:
     import eptq_fx
-    from eptq_fx.method.hessian_stage import estimate_hessian
+    from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
     from eptq_fx.method.reconstruction import reconstruct
 
     stages: dict[str, float] = {}
@@ -76,7 +77,8 @@ def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | 
         base, hessian=dataclasses.replace(base.hessian, cache_dir=cache, batch_size=hessian_batch,
                                           **({} if report is None else
                                              {"report_samples": report[0], "report_probes": report[1]})),
-        reconstruction=dataclasses.replace(base.reconstruction, iters=iters))
+        reconstruction=dataclasses.replace(base.reconstruction, iters=iters, cache_precision=precision[0],
+                                           compute_precision=precision[1]))
     t = time.perf_counter()
     gm = eptq_fx.capture(model, (x[:2],))
     stages["capture"] = time.perf_counter() - t
@@ -90,7 +92,9 @@ def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | 
     from eptq_fx.data import CalibSet
     t = time.perf_counter()
     calib = CalibSet((x,))
-    hessian = estimate_hessian(prepared, calib, config, progress=False)  # its own stage: timed alone
+    # its own stage, timed alone; skipped: the report's sensitivity column stays empty, nothing else changes
+    hessian = HessianEstimate(None, None, None, False) if skip_hessian else \
+        estimate_hessian(prepared, calib, config, progress=False)
     stages["hessian"] = time.perf_counter() - t
     rss["after hessian"] = peak_rss_gb()
     handler = _BlockTimes()
@@ -105,6 +109,7 @@ def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | 
     stages["convert"] = time.perf_counter() - t
     return {"model": name, "n_calib": n_calib, "iters": iters, "threads": torch.get_num_threads(),
             "report_samples": config.hessian.report_samples, "report_probes": config.hessian.report_probes,
+            "cache_precision": precision[0], "compute_precision": precision[1], "hessian_skipped": skip_hessian,
             "stages_s": {k: round(v, 2) for k, v in stages.items()},
             "blocks_s": [round(s, 2) for s in handler.seconds], "peak_rss_gb": {k: round(v, 2) for k, v in rss.items()}}
 
@@ -119,12 +124,18 @@ def main() -> None:
     parser.add_argument("--report", type=int, nargs=2, metavar=("SAMPLES", "PROBES"), default=None,
                         help="HessianConfig.report_samples / report_probes (default: the library's); "
                              "'--report 1024 100' scores every image with up to 100 probes, as before issue 13")
+    parser.add_argument("--precision", nargs=2, metavar=("CACHE", "COMPUTE"), default=("float32", "float32"),
+                        help="ReconstructionConfig.cache_precision / compute_precision (float32 or bfloat16)")
+    parser.add_argument("--skip-hessian", action="store_true",
+                        help="time reconstruction without the report-only Hessian stage")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [run(m, args.n_calib, args.iters, args.hessian_batch, args.threads, args.report) for m in args.models]
+    rows = [run(m, args.n_calib, args.iters, args.hessian_batch, args.threads, args.report, tuple(args.precision),
+                args.skip_hessian) for m in args.models]
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    key = lambda r: (r["model"], r["n_calib"], r["iters"], r.get("report_samples"), r.get("report_probes"))  # noqa: E731
+    key = lambda r: (r["model"], r["n_calib"], r["iters"], r.get("report_samples"), r.get("report_probes"),  # noqa: E731
+                     r.get("cache_precision", "float32"), r.get("compute_precision", "float32"))
     keep = [r for r in old if key(r) not in {key(r) for r in rows}]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")

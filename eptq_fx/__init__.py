@@ -7,7 +7,7 @@ from eptq_fx import (
     errors,
     export,  # the module: eptq_fx.export.export / export_onnx / load
 )
-from eptq_fx.config import KEEP, ActPlacement, EPTQConfig, HessianConfig, Override, ReconstructionConfig, Target
+from eptq_fx.config import KEEP, ActPlacement, EPTQConfig, HessianConfig, Override, Precision, ReconstructionConfig, Target
 from eptq_fx.errors import (
     ArtifactError,
     CalibrationDataError,
@@ -29,7 +29,7 @@ from eptq_fx.report import report
 __all__ = [
     "quantize", "report", "save", "load", "capture", "prepare", "calibrate", "reconstruct", "convert",
     "export", "export_onnx",
-    "EPTQConfig", "ActPlacement", "HessianConfig", "Target",
+    "EPTQConfig", "ActPlacement", "HessianConfig", "Precision", "Target",
     "ReconstructionConfig", "Override", "KEEP", "errors", "EPTQError", "TraceError", "ConfigError",
     "CalibrationDataError", "ModelError", "ArtifactError", "HessianError", "CheckpointError",
 ]

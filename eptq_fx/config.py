@@ -140,6 +140,13 @@ class Target(str, enum.Enum):
     BLOCK = "block"
 
 
+class Precision(str, enum.Enum):
+    """Floating-point format of reconstruction's activation caches or of its training steps."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
 @dataclass(frozen=True)
 class ReconstructionConfig:
     """AdaRound-style reconstruction settings (paper-code defaults where the paper states them)."""
@@ -175,6 +182,12 @@ class ReconstructionConfig:
     # round-to-nearest's; the held-out share is not trained on (see method/fallback.py)
     fallback: bool = True
     fallback_holdout: float = 0.125
+    # BFLOAT16 stores the block inputs and float targets kept between blocks (the run's largest memory at
+    # ImageNet size) in bfloat16, read back as float32: half the memory, a relative rounding of 2^-9 per value
+    cache_precision: Precision = Precision.FLOAT32
+    # BFLOAT16 runs each training step's forward and backward under torch.autocast (bfloat16 convs and matmuls,
+    # quantizers still in float32); losses that decide anything (block and network fallbacks) stay float32
+    compute_precision: Precision = Precision.FLOAT32
 
     def __post_init__(self) -> None:
         _check_choice("ReconstructionConfig.granularity", self.granularity, ("layer", "block", "network"))
@@ -183,6 +196,12 @@ class ReconstructionConfig:
         except ValueError:
             raise ConfigError(f"ReconstructionConfig.target must be one of {', '.join(t.value for t in Target)}, "
                               f"got {self.target!r}.") from None
+        for n in ("cache_precision", "compute_precision"):
+            try:
+                object.__setattr__(self, n, Precision(getattr(self, n)))
+            except ValueError:
+                raise ConfigError(f"ReconstructionConfig.{n} must be one of "
+                                  f"{', '.join(p.value for p in Precision)}, got {getattr(self, n)!r}.") from None
         _check_positive("ReconstructionConfig.iters", self.iters)
         _check_positive("ReconstructionConfig.batch_size", self.batch_size)
         for n in ("lr_round", "lr_bias", "lr_scale", "beta_start", "beta_end"):

@@ -19,13 +19,13 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from eptq_fx import distributed
-from eptq_fx.config import EPTQConfig, ReconstructionConfig, Target
+from eptq_fx.config import EPTQConfig, Precision, ReconstructionConfig, Target
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
 from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points
 from eptq_fx.method.activation_hessian import HessianScores
-from eptq_fx.method.block_runner import module_device, on_device, quantizers_train_, run_block
+from eptq_fx.method.block_runner import fetch, module_device, module_dtype, on_device, quantizers_train_, run_block
 from eptq_fx.method.checkpoint import RunCheckpoint
 from eptq_fx.method.fallback import float_outputs, output_error, restore_rtn_, snapshot_rtn
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
@@ -110,8 +110,9 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, profile: torch.Tensor | 
 
 
 def _sqnr_db(preds: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    targets = [t.to(p.device, p.dtype) for p, t in zip(preds, targets)]  # a bfloat16 cache: sum in float32
     sig = sum(float(t.pow(2).sum()) for t in targets)
-    err = sum(float((p - t.to(p.device)).pow(2).sum()) for p, t in zip(preds, targets))
+    err = sum(float((p - t).pow(2).sum()) for p, t in zip(preds, targets))
     return 10.0 * math.log10(sig / err) if err > 0 else float("inf")
 
 
@@ -239,20 +240,22 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     """``n_train`` / ``eval_idx``: global sample indices (training draws from the first n_train; the block's
     before/after test runs on eval_idx). Under torch.distributed each rank holds only its shard's values."""
     split = (lambda idx: (idx, idx)) if shard is None else shard.split
-    device = module_device(sub)
+    device, dtype = module_device(sub), module_dtype(sub)
+    autocast = rc.compute_precision is Precision.BFLOAT16
     pick, f_targets, term_w, profiles, reg_w = _loss_terms(block, parts, f_out, layer_w, profiles, rc, block_hs)
     if reg_w is None:
         reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
     term_w = on_device(term_w, device)
     profiles = [None if p is None else on_device(p, device) for p in profiles]
 
-    def block_loss(idx: torch.Tensor) -> torch.Tensor:
+    def block_loss(idx: torch.Tensor, train: bool = False) -> torch.Tensor:
         # idx: global sample indices; q_vals / f_targets hold this rank's samples only (all of them in 1 process)
         g, loc = split(idx)
         if len(loc) == 0:
             return torch.zeros(())
-        preds = pick(sub(*(on_device(q_vals[name][loc], device) for name in block.inputs)))
-        per_term = torch.stack([_distance(p, on_device(f_targets[j][loc], device),
+        with torch.autocast((device or torch.device("cpu")).type, torch.bfloat16, enabled=train and autocast):
+            preds = pick(sub(*(fetch(q_vals[name][loc], device, dtype) for name in block.inputs)))
+        per_term = torch.stack([_distance(p.to(dtype), fetch(f_targets[j][loc], device, dtype),
                                           None if profiles[j] is None else profiles[j][g])
                                 for j, p in enumerate(preds)], 1)
         weighted = (per_term * term_w[g]).sum(1)
@@ -275,7 +278,7 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
             idx = torch.randint(0, n_train, (rc.batch_size,), generator=gen)
             if rc.qdrop > 0.0:
                 trainer.set_drop_draw(drop_seed + step, idx, shard)
-            loss = block_loss(idx)
+            loss = block_loss(idx, train=True)
             beta = trainer.beta(step)
             if beta is not None and parts.weight_ops and distributed.is_lead():  # once, not once per rank
                 loss = loss + trainer.round_loss(beta, reg_w)
@@ -348,11 +351,12 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     by_target = {n.target: n.name for n in prepared.graph.nodes if n.op == "placeholder"}
     f_vals = {by_target[t]: x for t, x in zip(input_names(prepared), local.tensors)}
     q_vals = dict(f_vals)
+    store = torch.bfloat16 if rc.cache_precision is Precision.BFLOAT16 else None
     for block in tqdm(blocks, desc="EPTQ blocks", disable=not progress):
         sub = block_subgraph(prepared, block)
         parts = _block_parts(prepared, block, cps)
         with quant_disabled(prepared):
-            f_out = run_block(sub, f_vals, block, None)
+            f_out = run_block(sub, f_vals, block, None, store=store)
         n_out = len(block.outputs)
         f_targets = f_out[n_out:]
         done = ckpt is not None and ckpt.restore_block_(block.index, parts)
@@ -364,7 +368,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             before, after = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen,
                                          n_train, hold_idx, progress, shard if distributed.is_active() else None,
                                          block_hs)
-            q_out = run_block(sub, q_vals, block, None, keep=n_out)
+            q_out = run_block(sub, q_vals, block, None, keep=n_out, store=store)
             # the layers' SQNR for the log, on (this rank's) first samples rather than a second full-size copy
             probe = torch.arange(min(EVAL_SAMPLES, f_targets[0].shape[0])) if f_targets else None
             q_eval = run_block(sub, q_vals, block, probe)[n_out:] if f_targets else []
@@ -374,7 +378,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             if ckpt is not None and distributed.is_lead():
                 ckpt.save_block(block.index, parts)
         else:
-            q_out = run_block(sub, q_vals, block, None, keep=n_out)
+            q_out = run_block(sub, q_vals, block, None, keep=n_out, store=store)
         for j, name in enumerate(block.outputs):
             f_vals[name], q_vals[name] = f_out[j], q_out[j]
         for name in [k for k in f_vals if last_use.get(k, -1) <= block.index]:

@@ -264,6 +264,10 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "off":
             return x
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # under autocast a conv hands over its output in bfloat16, whose 8 significant bits would move
+            # values across rounding boundaries of the integer grid: quantize in float32
+            x = x.float()
         xq = self.fake_quant(x)
         if self.float_mix > 0.0:
             xq = self.float_mix * x + (1.0 - self.float_mix) * xq
