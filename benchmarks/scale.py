@@ -7,6 +7,10 @@ CIFAR-10 (JPEG copy) training images resized to 224×224 with ImageNet normalisa
 prepare (BN folding, Q/DQ insertion, weight thresholds), calibration, label-free Hessian, each reconstruction
 block, convert. Peak RSS is the process's high-water mark after each stage (``ru_maxrss``), so run one model
 per process (``--models`` one at a time) for per-model peaks. Results go to benchmarks/results/scale.json.
+
+    python -m benchmarks.scale --models resnet18 --n-calib 64 --mct-gptq-steps 4
+
+times MCT GPTQ on the same model and images instead (before its first step, per step; scale_mct.json).
 """
 from __future__ import annotations
 
@@ -114,6 +118,26 @@ def run(name: str, n_calib: int, iters: int, hessian_batch: int, threads: int | 
             "blocks_s": [round(s, 2) for s in handler.seconds], "peak_rss_gb": {k: round(v, 2) for k, v in rss.items()}}
 
 
+def run_mct_gptq(name: str, n_calib: int, steps: int, threads: int | None) -> dict:
+    """MCT 2.6.1 GPTQ (its EPTQ) on the same model and images, W4A8, ``steps`` network-wise optimisation steps:
+    the time before its first step (statistics, PTQ, Hessian scores) and per step, from MCT's per-step log
+    callback (benchmarks/peers/mct_gptq.py)."""
+    from benchmarks.peers import mct_gptq
+
+    model, x = build(name), images(n_calib)
+    if threads:
+        torch.set_num_threads(threads)
+    t = time.perf_counter()
+    out = mct_gptq.run(model, x, 4, 8, steps=steps)
+    wall = time.perf_counter() - t
+    d = out.details
+    return {"model": name, "method": "mct_gptq", "n_calib": n_calib, "steps": d.get("steps_run"),
+            "threads": torch.get_num_threads(), "wall_s": round(wall, 2),
+            "before_first_step_s": round(d.get("before_first_step_s", float("nan")), 2),
+            "s_per_step": round(d.get("s_per_step", float("nan")), 3), "peak_rss_gb": round(peak_rss_gb(), 2),
+            "weight_bits_used": d.get("weight_bits_used")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "deit_tiny"])
@@ -128,9 +152,19 @@ def main() -> None:
                         help="ReconstructionConfig.cache_precision / compute_precision (float32 or bfloat16)")
     parser.add_argument("--skip-hessian", action="store_true",
                         help="time reconstruction without the report-only Hessian stage")
+    parser.add_argument("--mct-gptq-steps", type=int, default=None, metavar="STEPS",
+                        help="time MCT GPTQ instead (STEPS network-wise steps; results in scale_mct.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mct_gptq_steps:
+        rows = [run_mct_gptq(m, args.n_calib, args.mct_gptq_steps, args.threads) for m in args.models]
+        out = RESULTS.with_name("scale_mct.json")
+        old = json.loads(out.read_text()) if out.exists() else []
+        out.write_text(json.dumps(old + rows, indent=1))
+        for r in rows:
+            print(r)
+        return
     rows = [run(m, args.n_calib, args.iters, args.hessian_batch, args.threads, args.report, tuple(args.precision),
                 args.skip_hessian) for m in args.models]
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
