@@ -138,6 +138,16 @@ def run_mct_gptq(name: str, n_calib: int, steps: int, threads: int | None) -> di
             "weight_bits_used": d.get("weight_bits_used")}
 
 
+def _write(path: Path, rows: list[dict], key) -> None:
+    """Add ``rows`` to the JSON list at ``path``, replacing earlier rows of the same ``key``; atomic."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    keep = [r for r in old if key(r) not in {key(r) for r in rows}]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(keep + rows, indent=1))
+    tmp.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "deit_tiny"])
@@ -159,22 +169,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.mct_gptq_steps:
         rows = [run_mct_gptq(m, args.n_calib, args.mct_gptq_steps, args.threads) for m in args.models]
-        out = RESULTS.with_name("scale_mct.json")
-        old = json.loads(out.read_text()) if out.exists() else []
-        out.write_text(json.dumps(old + rows, indent=1))
+        _write(RESULTS.with_name("scale_mct.json"), rows, lambda r: (r["model"], r["n_calib"], r["steps"]))
         for r in rows:
             print(r)
         return
     rows = [run(m, args.n_calib, args.iters, args.hessian_batch, args.threads, args.report, tuple(args.precision),
                 args.skip_hessian) for m in args.models]
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    key = lambda r: (r["model"], r["n_calib"], r["iters"], r.get("report_samples"), r.get("report_probes"),  # noqa: E731
-                     r.get("cache_precision", "float32"), r.get("compute_precision", "float32"))
-    keep = [r for r in old if key(r) not in {key(r) for r in rows}]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(keep + rows, indent=1))
-    tmp.replace(RESULTS)
+    _write(RESULTS, rows, lambda r: (r["model"], r["n_calib"], r["iters"], r.get("report_samples"),
+                                     r.get("report_probes"), r.get("cache_precision", "float32"),
+                                     r.get("compute_precision", "float32")))
     for r in rows:
         b = r["blocks_s"]
         print(f"{r['model']}: n={r['n_calib']} iters={r['iters']} stages {r['stages_s']} | {len(b)} blocks, "

@@ -49,6 +49,15 @@ def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {choices}, got {value!r}.{hint}")
 
 
+def _coerce_enum_(obj, attr: str, kind: type[enum.Enum], label: str) -> None:
+    """Replace ``obj.attr`` (an enum member or its value) by the member of ``kind`` (frozen dataclass field)."""
+    try:
+        object.__setattr__(obj, attr, kind(getattr(obj, attr)))
+    except ValueError:
+        raise ConfigError(f"{label} must be one of {', '.join(m.value for m in kind)}, "
+                          f"got {getattr(obj, attr)!r}.") from None
+
+
 def _check_positive(name: str, value, integer: bool = True) -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
@@ -191,17 +200,9 @@ class ReconstructionConfig:
 
     def __post_init__(self) -> None:
         _check_choice("ReconstructionConfig.granularity", self.granularity, ("layer", "block", "network"))
-        try:
-            object.__setattr__(self, "target", Target(self.target))
-        except ValueError:
-            raise ConfigError(f"ReconstructionConfig.target must be one of {', '.join(t.value for t in Target)}, "
-                              f"got {self.target!r}.") from None
+        _coerce_enum_(self, "target", Target, "ReconstructionConfig.target")
         for n in ("cache_precision", "compute_precision"):
-            try:
-                object.__setattr__(self, n, Precision(getattr(self, n)))
-            except ValueError:
-                raise ConfigError(f"ReconstructionConfig.{n} must be one of "
-                                  f"{', '.join(p.value for p in Precision)}, got {getattr(self, n)!r}.") from None
+            _coerce_enum_(self, n, Precision, f"ReconstructionConfig.{n}")
         _check_positive("ReconstructionConfig.iters", self.iters)
         _check_positive("ReconstructionConfig.batch_size", self.batch_size)
         for n in ("lr_round", "lr_bias", "lr_scale", "beta_start", "beta_end"):
@@ -265,11 +266,7 @@ class EPTQConfig:
         _check_choice("weight_range", self.weight_range, ("minmax", "mse", "hmse"))
         _check_choice("act_range", self.act_range, ("minmax", "mse"))
         _check_positive("n_grid", self.n_grid)
-        try:
-            object.__setattr__(self, "act_placement", ActPlacement(self.act_placement))
-        except ValueError as e:
-            raise ConfigError(f"act_placement must be one of {', '.join(p.value for p in ActPlacement)}, got "
-                              f"{self.act_placement!r}.") from e
+        _coerce_enum_(self, "act_placement", ActPlacement, "act_placement")
         _check_positive("n_calib", self.n_calib)
         _check_positive("calib_batch_size", self.calib_batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
