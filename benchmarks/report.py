@@ -135,15 +135,22 @@ def markdown_section(rows: list[dict], commands: list[str], machine: dict) -> st
     return "\n".join(lines)
 
 
-def replace_section(text: str, section: str, title: str = SECTION_TITLE) -> str:
+def replace_section(text: str, section: str, title: str = SECTION_TITLE, keep_from: str | None = None) -> str:
     """``text`` with its ``title`` section (up to the next level-2 heading) replaced by ``section``;
-    appended when absent. Other sections are left exactly as they were."""
+    appended when absent. Other sections are left exactly as they were. ``keep_from``: the old section's lines
+    from the first one starting with it (a hand-written reading below generated tables) are kept after
+    ``section``."""
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.strip() == title), None)
     if start is None:
         return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section.rstrip("\n") + "\n"
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new_lines = lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else []) + lines[end:]
+    kept = next((lines[i:end] for i in range(start + 1, end) if keep_from and lines[i].startswith(keep_from)), [])
+    kept = [""] + kept if kept else []
+    while kept and not kept[-1].strip():
+        kept.pop()
+    new_lines = (lines[:start] + section.rstrip("\n").splitlines() + kept + ([""] if end < len(lines) else [])
+                 + lines[end:])
     return "\n".join(new_lines) + "\n"
 
 

@@ -117,6 +117,15 @@ def test_only_the_comparison_section_is_replaced():
     assert appended.endswith("## Comparison\nt\n") and "k1" in appended
 
 
+
+def test_a_hand_written_reading_below_the_tables_survives_a_rewrite():
+    text = "## Deployment\nold table\n\nReading: why\nmore\n\n## Later\nx\n"
+    out = replace_section(text, "## Deployment\nnew table\n", "## Deployment", keep_from="Reading")
+    assert out == "## Deployment\nnew table\n\nReading: why\nmore\n\n## Later\nx\n"
+    # nothing to keep: the section is replaced whole
+    assert replace_section("## Deployment\nold\n", "## Deployment\nnew\n", "## Deployment",
+                           keep_from="Reading") == "## Deployment\nnew\n"
+
 @needs_mct
 def test_mct_eight_bit_anchors_and_activation_choice_tpc():
     from benchmarks.peers._mct import activation_choice_tpc, eight_bit_anchors, import_mct
