@@ -160,7 +160,7 @@ def measure(name: str, threads: int, rounds: int, reps: dict[int, int]) -> dict:
                 for _ in range(rounds):
                     for key, fn in rt.items():
                         # an ONNX Runtime session's threads keep spinning for a while after a run and take the
-                        # cores from whatever is timed next (measured: ViT ORT rows 1.5-2x slower right after
+                        # cores from whatever is timed next (measured: ViT ORT rows about 2x slower right after
                         # another ORT session): every runtime starts from idle cores
                         time.sleep(IDLE_S)
                         t0 = time.perf_counter()
