@@ -15,6 +15,7 @@ import torch.nn as nn
 from eptq_fx.graph import ops
 from eptq_fx.graph.meta import ActQuant
 from eptq_fx.numerics import kernels
+from eptq_fx.numerics.act_fake_quant import ActFakeQuant, random_drop_mask
 
 WEIGHT_OPS = ops.WEIGHT_MODULE_TYPES  # the op table's weight modules
 # Most values an observer keeps per quantizer for the MSE range search (a seeded random subset beyond that).
@@ -268,11 +269,16 @@ class ActQuantizer(nn.Module):
             # under autocast a conv hands over its output in bfloat16, whose 8 significant bits would move
             # values across rounding boundaries of the integer grid: quantize in float32
             x = x.float()
+        drop = self._drop_mask(x) if self.drop_prob > 0.0 and self.training else None
+        s = self.effective_scale()
+        if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
+            # a reconstruction step: one autograd function instead of the op-by-op chain (act_fake_quant)
+            return ActFakeQuant.apply(x, s, self.zero_point, self.qmin, self.qmax, float(self.float_mix), drop)
         xq = self.fake_quant(x)
         if self.float_mix > 0.0:
             xq = self.float_mix * x + (1.0 - self.float_mix) * xq
-        if self.drop_prob > 0.0 and self.training:
-            xq = torch.where(self._drop_mask(x), x, xq)
+        if drop is not None:
+            xq = torch.where(drop, x, xq)
         return xq
 
     def _drop_mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,13 +286,13 @@ class ActQuantizer(nn.Module):
         step) the mask is drawn for the whole minibatch of n samples from that seed and this rank's ``rows``
         taken, so a sharded run (torch.distributed) masks every sample exactly as one process would."""
         if self.drop_draw is None:
-            return torch.rand(x.shape, generator=self._gen, device="cpu").to(x.device) < self.drop_prob
+            return random_drop_mask(tuple(x.shape), self.drop_prob, self._gen).to(x.device)
         seed, n, rows = self.drop_draw
         gen = torch.Generator().manual_seed(seed)
         if rows is None or x.dim() == 0 or x.shape[0] != len(rows):
-            return torch.rand(x.shape, generator=gen).to(x.device) < self.drop_prob
-        full = torch.rand((n, *x.shape[1:]), generator=gen)
-        return full[rows].to(x.device) < self.drop_prob
+            return random_drop_mask(tuple(x.shape), self.drop_prob, gen).to(x.device)
+        full = random_drop_mask((n, *x.shape[1:]), self.drop_prob, gen)
+        return full[rows].to(x.device)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, scheme={self.scheme}, mode={self.mode}, scale={float(self.scale):.4g}, " \

@@ -41,6 +41,7 @@ from eptq_fx.numerics.kernels.common import (
     check_n_grid,
     check_positive_finite,
     check_scheme,
+    keeps_torch_threads,
 )
 from eptq_fx.numerics.kernels.sorted_error import prefix_moments, sorted_candidate_errors, sorted_pays_off
 from eptq_fx.numerics.kernels.weight_scale import _ceil_log2, _floor_log2
@@ -111,6 +112,7 @@ def _candidates(vmin: float, vmax: float, bits: int, scheme: str, n_grid: int, p
     return scales, np.zeros_like(scales)
 
 
+@keeps_torch_threads
 def candidate_errors(values, counts, scales, zps, qmin: int, qmax: int, norm: float, method: str = "auto"):
     """Error of every candidate ``(scales[g], zps[g])`` over float64 ``values`` (``counts`` None: all ones).
 
@@ -154,6 +156,7 @@ def _check_common(bits, scheme, n_grid, norm) -> tuple[int, str, int, float]:
     return check_bits(bits), check_scheme(scheme), check_n_grid(n_grid), check_positive_finite("norm", norm)
 
 
+@keeps_torch_threads
 def search_act_range(
     x: np.ndarray, bits: int, scheme: str, *, n_grid: int = 100, norm: float = 2.0, power_of_two: bool = False
 ) -> tuple[float, int]:
@@ -165,6 +168,7 @@ def search_act_range(
     return _search(x.astype(np.float64), None, bits, scheme, n_grid, norm, bool(power_of_two))
 
 
+@keeps_torch_threads
 def search_act_range_hist(
     counts: np.ndarray,
     edges: np.ndarray,

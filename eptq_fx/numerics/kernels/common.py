@@ -6,9 +6,12 @@ with a one-line :class:`~eptq_fx.errors.KernelInputError` instead of a numba cra
 
 from __future__ import annotations
 
+import functools
 import numbers
 
+import numba
 import numpy as np
+import torch
 
 from eptq_fx.errors import KernelInputError
 
@@ -19,6 +22,25 @@ MIN_SCALE = float(np.finfo(np.float32).tiny)
 # Scale given to a channel / tensor whose values are all zero: any non-zero scale quantizes it exactly.
 ZERO_RANGE_SCALE = 1.0
 ACT_SCHEMES = ("asymmetric", "symmetric", "unsigned")
+
+
+def keeps_torch_threads(fn):
+    """Run a wrapper's parallel numba kernels with torch's thread count, and leave torch's count as it was.
+
+    numba's OpenMP threading layer starts its pool with one thread per core and leaves that count set in the
+    calling thread, where torch's intra-op pool (also OpenMP) reads it: ``torch.set_num_threads(1)`` silently
+    became 2 threads after ``prepare`` computed the weight scales, so ``--threads`` and every 1-thread benchmark
+    ran with 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        n = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+    return wrapper
 
 
 def check_bits(bits: object) -> int:

@@ -13,7 +13,14 @@ import numpy as np
 from numba import njit, prange
 
 from eptq_fx.errors import KernelInputError
-from eptq_fx.numerics.kernels.common import as_float_array, check_int, check_positive_finite, check_qrange, check_scales
+from eptq_fx.numerics.kernels.common import (
+    as_float_array,
+    check_int,
+    check_positive_finite,
+    check_qrange,
+    check_scales,
+    keeps_torch_threads,
+)
 
 
 @njit(parallel=True, cache=True)
@@ -55,6 +62,7 @@ def _checked_per_channel(w, scale, qmin, qmax) -> tuple[np.ndarray, np.ndarray, 
     return w, scale, lo, hi
 
 
+@keeps_torch_threads
 def fake_quant_per_channel(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
     """Quantize-dequantize the rows of ``w`` (C, K) with one scale per row; returns float32 (C, K)."""
     w, scale, lo, hi = _checked_per_channel(w, scale, qmin, qmax)
@@ -63,6 +71,7 @@ def fake_quant_per_channel(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: in
     return out
 
 
+@keeps_torch_threads
 def quantize_per_channel(w: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
     """Integer codes ``clip(rint(w / scale), qmin, qmax)`` of ``w`` (C, K) as int32 (C, K)."""
     w, scale, lo, hi = _checked_per_channel(w, scale, qmin, qmax)

@@ -36,6 +36,7 @@ from eptq_fx.numerics.kernels.common import (
     as_float_array,
     check_n_grid,
     check_positive_finite,
+    keeps_torch_threads,
     signed_range,
 )
 from eptq_fx.numerics.kernels.sorted_error import prefix_moments, sorted_pays_off, sorted_squared_error
@@ -166,6 +167,7 @@ def _sorted_rows(w: np.ndarray, wts: np.ndarray, use_weights: bool) -> tuple[np.
     return np.take_along_axis(w, order, 1).astype(np.float64), np.take_along_axis(wts, order, 1)
 
 
+@keeps_torch_threads
 def search_weight_scale(
     w: np.ndarray,
     bits: int,
