@@ -10,6 +10,8 @@ in place, keeps only the input and two boolean masks, and writes the gradients o
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _BYTE_LEVELS = 256
@@ -25,9 +27,7 @@ def random_drop_mask(shape: tuple[int, ...], p: float, gen: torch.Generator) -> 
     """Boolean mask, True with probability ``drop_threshold(p)/256``, from ``gen``. Eight mask bytes come from
     each 64-bit draw: ``torch.rand`` spends one generator call and a float conversion on every element, ~4× the
     time (31 vs 7 ms for a 32×64×56×56 map on one core)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
+    n = math.prod(shape)
     words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), dtype=torch.int64, generator=gen)
     return (words.view(torch.uint8)[:n] < drop_threshold(p)).view(shape)
 

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from eptq_fx.graph.meta import ActQuant
 from eptq_fx.numerics.act_fake_quant import ActFakeQuant, drop_threshold, random_drop_mask
-from eptq_fx.numerics.quantizers import round_ste
+from eptq_fx.numerics.quantizers import ActQuantizer, round_ste
 
 
 def composite(x, s, zp, qmin, qmax, mix, drop):
@@ -43,9 +44,13 @@ def test_values_and_gradients_match_the_composite_chain(mix, with_drop, qmin, qm
 
 def test_without_blend_or_drop_the_values_are_the_eager_quantizers_bit_for_bit():
     x = torch.randn(2, 3, 17, 17) * 3
-    s, zp = torch.tensor(0.07), torch.tensor(5.0)
-    out = ActFakeQuant.apply(x.requires_grad_(True), s, zp, 0, 15, 0.0, None)
-    assert torch.equal(out.detach(), composite(x.detach(), s, zp, 0, 15, 0.0, None))
+    aq = ActQuantizer(ActQuant(bits=4, scheme="asymmetric"))
+    aq.mode = "on"
+    with torch.no_grad():
+        aq.scale.fill_(0.07)
+        aq.zero_point.fill_(5.0)
+    out = ActFakeQuant.apply(x.requires_grad_(True), aq.scale, aq.zero_point, aq.qmin, aq.qmax, 0.0, None)
+    assert torch.equal(out.detach(), aq.fake_quant(x.detach()))  # the path convert and export are checked on
 
 
 def test_drop_masks_keep_the_asked_share_and_follow_the_seed():
