@@ -11,6 +11,11 @@ per process (``--models`` one at a time) for per-model peaks. Results go to benc
     python -m benchmarks.scale --models resnet18 --n-calib 64 --mct-gptq-steps 4
 
 times MCT GPTQ on the same model and images instead (before its first step, per step; scale_mct.json).
+
+    THP_MEM_ALLOC_ENABLE=1 python -m benchmarks.scale --models resnet18 --end-to-end --threads 2
+
+times one default ``eptq_fx.quantize(model, images, EPTQConfig(weight_bits=4, act_bits=8))`` call end to end
+(what a user runs: the report's SQNR passes included), its stages from ``eptq_fx.report`` (scale_e2e.json).
 """
 from __future__ import annotations
 
@@ -138,6 +143,28 @@ def run_mct_gptq(name: str, n_calib: int, steps: int, threads: int | None) -> di
             "weight_bits_used": d.get("weight_bits_used")}
 
 
+def run_end_to_end(name: str, n_calib: int, threads: int | None) -> dict:
+    """One default quantize call, wall time and the stages its report records; only the Hessian's disk cache is
+    off (a second run would otherwise read the scores instead of computing them)."""
+    import eptq_fx
+
+    model, x = build(name), images(n_calib)
+    if threads:
+        torch.set_num_threads(threads)
+    base = eptq_fx.EPTQConfig(weight_bits=4, act_bits=8, n_calib=n_calib)
+    config = dataclasses.replace(base, hessian=dataclasses.replace(base.hessian, cache_dir=None))
+    handler = _BlockTimes()
+    logging.getLogger("eptq_fx.method.reconstruction").addHandler(handler)
+    logging.getLogger("eptq_fx.method.reconstruction").setLevel(logging.INFO)
+    t = time.perf_counter()
+    q = eptq_fx.quantize(model, x, config, progress=False)
+    wall = time.perf_counter() - t
+    rec = eptq_fx.report(q)
+    return {"model": name, "n_calib": n_calib, "threads": torch.get_num_threads(), "wall_s": round(wall, 1),
+            "stages_s": {k: round(v, 1) for k, v in rec["totals"]["stage_seconds"].items()},
+            "blocks_s": [round(s, 1) for s in handler.seconds], "peak_rss_gb": round(peak_rss_gb(), 2)}
+
+
 def _write(path: Path, rows: list[dict], key) -> None:
     """Add ``rows`` to the JSON list at ``path``, replacing earlier rows of the same ``key``; atomic."""
     old = json.loads(path.read_text()) if path.exists() else []
@@ -164,9 +191,17 @@ def main() -> None:
                         help="time reconstruction without the report-only Hessian stage")
     parser.add_argument("--mct-gptq-steps", type=int, default=None, metavar="STEPS",
                         help="time MCT GPTQ instead (STEPS network-wise steps; results in scale_mct.json)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time one default eptq_fx.quantize call instead (results in scale_e2e.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.end_to_end:
+        rows = [run_end_to_end(m, args.n_calib, args.threads) for m in args.models]
+        _write(RESULTS.with_name("scale_e2e.json"), rows, lambda r: (r["model"], r["n_calib"], r["threads"]))
+        for r in rows:
+            print(r)
+        return
     if args.mct_gptq_steps:
         rows = [run_mct_gptq(m, args.n_calib, args.mct_gptq_steps, args.threads) for m in args.models]
         _write(RESULTS.with_name("scale_mct.json"), rows, lambda r: (r["model"], r["n_calib"], r["steps"]))

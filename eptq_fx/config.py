@@ -125,7 +125,7 @@ class HessianConfig:
     # ... on a seeded subset of this many samples with at most this many probes each: a layer's mean score over
     # 256 samples × 10 probes ranks it as well as the full set does, at a fraction of the cost (40× fewer
     # backward passes for 1024 ImageNet images; 10 probes are still exact for 10-logit outputs)
-    report_samples: int = 256
+    report_samples: int = 64
     report_probes: int = 10
 
     def __post_init__(self) -> None:
@@ -150,10 +150,18 @@ class Target(str, enum.Enum):
 
 
 class Precision(str, enum.Enum):
-    """Floating-point format of reconstruction's activation caches or of its training steps."""
+    """Floating-point format of reconstruction's activation caches or of its training steps. ``AUTO`` (caches
+    only): bfloat16 for a cached tensor over ``AUTO_CACHE_BYTES`` in float32 (ImageNet-size feature maps of
+    1024 images), float32 for everything smaller."""
 
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
+    AUTO = "auto"
+
+
+# Precision.AUTO's threshold: the stem output of ResNet-18 at 1024 images is 3.3 GB (bfloat16), a CIFAR
+# ResNet's largest map 67 MB and ConvMixer-256's exactly 1 GiB (float32, as before AUTO existed)
+AUTO_CACHE_BYTES = 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -192,8 +200,9 @@ class ReconstructionConfig:
     fallback: bool = True
     fallback_holdout: float = 0.125
     # BFLOAT16 stores the block inputs and float targets kept between blocks (the run's largest memory at
-    # ImageNet size) in bfloat16, read back as float32: half the memory, a relative rounding of 2^-9 per value
-    cache_precision: Precision = Precision.FLOAT32
+    # ImageNet size) in bfloat16, read back as float32: half the memory, a relative rounding of 2^-9 per value;
+    # AUTO does so only for tensors over AUTO_CACHE_BYTES (ResNet-18's maps at 1024 images, no CIFAR model's)
+    cache_precision: Precision = Precision.AUTO
     # BFLOAT16 runs each training step's forward and backward under torch.autocast (bfloat16 convs and matmuls,
     # quantizers still in float32); losses that decide anything (block and network fallbacks) stay float32
     compute_precision: Precision = Precision.FLOAT32
@@ -203,6 +212,9 @@ class ReconstructionConfig:
         _coerce_enum_(self, "target", Target, "ReconstructionConfig.target")
         for n in ("cache_precision", "compute_precision"):
             _coerce_enum_(self, n, Precision, f"ReconstructionConfig.{n}")
+        if self.compute_precision is Precision.AUTO:
+            raise ConfigError("ReconstructionConfig.compute_precision must be 'float32' or 'bfloat16' "
+                              "('auto' is for cache_precision only).")
         _check_positive("ReconstructionConfig.iters", self.iters)
         _check_positive("ReconstructionConfig.batch_size", self.batch_size)
         for n in ("lr_round", "lr_bias", "lr_scale", "beta_start", "beta_end"):

@@ -106,7 +106,7 @@ def test_network_fallback_restores_round_to_nearest_exactly(monkeypatch, caplog)
         for op in parts.weight_ops.values():
             with torch.no_grad():
                 op.op.bias.add_(5.0)
-        return 1.0, 0.5  # claims a local improvement, so the per-block test keeps it
+        return 1.0, 0.5, 20.0  # claims a local improvement (and an SQNR), so the per-block test keeps it
 
     monkeypatch.setattr(R, "_train_block", wrecking_train)
     prepared = _calibrated(model, x, CFG)

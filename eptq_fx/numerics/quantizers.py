@@ -285,13 +285,14 @@ class ActQuantizer(nn.Module):
         """Which elements stay float this step. With ``drop_draw = (seed, n, rows)`` (set by the trainer each
         step) the mask is drawn for the whole minibatch of n samples from that seed and this rank's ``rows``
         taken, so a sharded run (torch.distributed) masks every sample exactly as one process would."""
+        nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         if self.drop_draw is None:
-            return random_drop_mask(tuple(x.shape), self.drop_prob, self._gen).to(x.device)
+            return random_drop_mask(tuple(x.shape), self.drop_prob, self._gen, nhwc).to(x.device)
         seed, n, rows = self.drop_draw
         gen = torch.Generator().manual_seed(seed)
         if rows is None or x.dim() == 0 or x.shape[0] != len(rows):
-            return random_drop_mask(tuple(x.shape), self.drop_prob, gen).to(x.device)
-        full = random_drop_mask((n, *x.shape[1:]), self.drop_prob, gen)
+            return random_drop_mask(tuple(x.shape), self.drop_prob, gen, nhwc).to(x.device)
+        full = random_drop_mask((n, *x.shape[1:]), self.drop_prob, gen, nhwc)
         return full[rows].to(x.device)
 
     def extra_repr(self) -> str:
