@@ -195,6 +195,10 @@ class ReconstructionConfig:
     # also weight each channel (dim 1) of a compare point by its share of that sample's Hessian trace: a
     # per-sample block-diagonal (per-channel) rather than isotropic second-order approximation of the output error
     hessian_per_channel: bool = False
+    # False: a layer's weight is its Hessian score averaged over the samples (the same for every sample), and a
+    # channel profile keeps only its per-sample shape; True: each sample weighs by its own score (the paper's
+    # sample attention), which concentrates the fit on fewer samples
+    hessian_per_sample: bool = True
     # keep the result only if the network output on held-out calibration samples is closer to float than
     # round-to-nearest's; the held-out share is not trained on (see method/fallback.py)
     fallback: bool = True

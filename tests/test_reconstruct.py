@@ -136,6 +136,10 @@ def test_layer_weights_are_trace_per_element_normalised_by_the_block_maximum():
     torch.testing.assert_close(w, torch.tensor([[0.25, 0.5], [0.75, 1.5]]))
     uniform = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=False), sizes=[8, 2])
     torch.testing.assert_close(uniform, torch.ones(2, 2))
+    # without sample attention every sample gets its layer's mean: layer 3 -> 2, layer 1 -> 4, over 4
+    pooled = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True, hessian_per_sample=False),
+                            sizes=[8, 2])
+    torch.testing.assert_close(pooled, torch.tensor([[0.5, 1.0], [0.5, 1.0]]))
 
 
 def test_per_channel_hessian_weighting_runs_and_changes_the_result():

@@ -75,6 +75,8 @@ def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionCo
     if not rc.hessian_weighting:
         return torch.ones_like(s)
     s = s / torch.tensor(sizes, dtype=s.dtype)
+    if not rc.hessian_per_sample:
+        s = s.mean(0, keepdim=True).expand_as(s).clone()
     top = s.mean(0).max()
     return s / top if top > 0 else torch.ones_like(s)
 
@@ -203,7 +205,7 @@ def _block_output_weights(block: Block, n: int, tables: list[HessianScores], rc:
         hs = next((t for t in tables if name in t.names), None)
         s = None if hs is None else hs.scores[:, hs.names.index(name)]
         mean = None if s is None else float(s.mean())
-        cols.append(torch.ones(n) if not mean or mean <= 0 else s / mean)
+        cols.append(torch.ones(n) if not mean or mean <= 0 or not rc.hessian_per_sample else s / mean)
         per_channel = None if hs is None or hs.per_channel is None or not rc.hessian_per_channel else hs.per_channel
         profiles.append(_channel_profile(None if per_channel is None else per_channel.get(name)))
     return torch.stack(cols, 1), profiles
