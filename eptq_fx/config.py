@@ -159,9 +159,11 @@ class Precision(str, enum.Enum):
     AUTO = "auto"
 
 
-# Precision.AUTO's threshold: the stem output of ResNet-18 at 1024 images is 3.3 GB (bfloat16), a CIFAR
-# ResNet's largest map 67 MB and ConvMixer-256's exactly 1 GiB (float32, as before AUTO existed)
-AUTO_CACHE_BYTES = 2 ** 30
+# Precision.AUTO's threshold. At 1024 images ResNet-18's maps are 3.3 GB (stem), 822 MB (first stage) and
+# 411 MB (second stage) in float32: with only the stem in bfloat16 (a 1 GiB threshold) the default run peaked at
+# 8.97 GB (BENCHMARKS.md "Scale"). A CIFAR ResNet's largest map is 67 MB (float32); ConvMixer-256's 1 GiB goes to
+# bfloat16 (ResNet-20 W4A4 with every cache in bfloat16: 80.14 against 80.17)
+AUTO_CACHE_BYTES = 384 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,8 @@ class ReconstructionConfig:
     fallback_holdout: float = 0.125
     # BFLOAT16 stores the block inputs and float targets kept between blocks (the run's largest memory at
     # ImageNet size) in bfloat16, read back as float32: half the memory, a relative rounding of 2^-9 per value;
-    # AUTO does so only for tensors over AUTO_CACHE_BYTES (ResNet-18's maps at 1024 images, no CIFAR model's)
+    # AUTO does so only for tensors over AUTO_CACHE_BYTES (384 MiB: ResNet-18's maps at 1024 images up to its
+    # second stage, ConvMixer-256's at 32×32; no CIFAR ResNet's)
     cache_precision: Precision = Precision.AUTO
     # BFLOAT16 runs each training step's forward and backward under torch.autocast (bfloat16 convs and matmuls,
     # quantizers still in float32); losses that decide anything (block and network fallbacks) stay float32
