@@ -75,3 +75,19 @@ def test_bfloat16_run_keeps_the_float32_result(cache, compute):
     a, b = _codes(ref), _codes(low)
     same = sum(int((a[k] == b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
     assert same > 0.9, same
+
+
+def test_auto_cache_precision_narrows_only_tensors_over_the_threshold():
+    from eptq_fx.config import AUTO_CACHE_BYTES
+    from eptq_fx.method.block_runner import store_dtype
+
+    row = torch.zeros(1, 1024)  # 4 KiB of float32 per sample
+    at = AUTO_CACHE_BYTES // (1024 * 4)  # samples that fill exactly the threshold
+    assert store_dtype(row, at, Precision.AUTO) is torch.float32
+    assert store_dtype(row, at + 1, Precision.AUTO) is torch.bfloat16
+    assert store_dtype(row, at + 1, Precision.FLOAT32) is torch.float32
+    assert store_dtype(row, 1, Precision.BFLOAT16) is torch.bfloat16
+    assert store_dtype(torch.zeros(1, 1024, dtype=torch.long), at + 1, Precision.AUTO) is torch.long
+    # ResNet-18 at 1024 images: the first stage's map (64 × 56 × 56) goes to bfloat16, a CIFAR ResNet's stays
+    assert store_dtype(torch.zeros(1, 64, 56, 56), 1024, Precision.AUTO) is torch.bfloat16
+    assert store_dtype(torch.zeros(1, 16, 32, 32), 1024, Precision.AUTO) is torch.float32
