@@ -21,7 +21,9 @@ VARIANTS = {
     "hessian": {"hessian_weighting": True},  # the loss weighted by the label-free Hessian (default until issue 11)
     "uniform": {"hessian_weighting": False},  # every sample and layer weighs 1 (the default since issue 11)
     "channel": {"hessian_weighting": True, "hessian_per_channel": True},  # per-sample, per-channel weights
-    "pooled": {"hessian_per_sample": False},  # Hessian layer weights averaged over samples (no sample attention)
+    "pooled": {"hessian_per_sample": False},
+    # the per-sample, per-channel Hessian only in blocks whose outputs an unfolded BatchNorm rescales
+    "rescaled": {"hessian_weighting": True, "hessian_per_channel": True, "hessian_scope": "rescaled"},  # Hessian layer weights averaged over samples (no sample attention)
     "block": {"target": "block"},  # BRECQ's target: the block's outputs
     "qdrop": {"qdrop": 0.5},  # QDrop: each activation kept float with probability 0.5 while training (default)
     "noqdrop": {"qdrop": 0.0},  # every activation quantized while training (the default until issue 11)

@@ -7,7 +7,8 @@ from eptq_fx import (
     errors,
     export,  # the module: eptq_fx.export.export / export_onnx / load
 )
-from eptq_fx.config import KEEP, ActPlacement, EPTQConfig, HessianConfig, Override, Precision, ReconstructionConfig, Target
+from eptq_fx.config import (KEEP, ActPlacement, EPTQConfig, HessianConfig, HessianScope, Override, Precision,
+                             ReconstructionConfig, Target)
 from eptq_fx.errors import (
     ArtifactError,
     CalibrationDataError,
@@ -29,7 +30,7 @@ from eptq_fx.report import report
 __all__ = [
     "quantize", "report", "save", "load", "capture", "prepare", "calibrate", "reconstruct", "convert",
     "export", "export_onnx",
-    "EPTQConfig", "ActPlacement", "HessianConfig", "Precision", "Target",
+    "EPTQConfig", "ActPlacement", "HessianConfig", "HessianScope", "Precision", "Target",
     "ReconstructionConfig", "Override", "KEEP", "errors", "EPTQError", "TraceError", "ConfigError",
     "CalibrationDataError", "ModelError", "ArtifactError", "HessianError", "CheckpointError",
 ]

@@ -149,6 +149,18 @@ class Target(str, enum.Enum):
     BLOCK = "block"
 
 
+class HessianScope(str, enum.Enum):
+    """Where a Hessian-weighted loss (``hessian_weighting=True``) applies. ``ALL``: every block. ``RESCALED``: only
+    blocks with a compare point whose output a BatchNorm that could not be folded rescales (per channel) before the
+    next quantizer, e.g. ConvMixer's conv → GELU → BatchNorm; every other block weighs samples and channels alike.
+    Why: there the plain squared error misjudges which channels matter downstream and the per-channel Hessian
+    corrects it (ConvMixer W2A4 +1.95 on three seeds); where every BatchNorm folds it only concentrates the fit
+    (ResNet-20 W2A4 −1.8, BENCHMARKS.md "Hessian per channel vs uniform weights")."""
+
+    ALL = "all"
+    RESCALED = "rescaled"
+
+
 class Precision(str, enum.Enum):
     """Floating-point format of reconstruction's activation caches or of its training steps. ``AUTO`` (caches
     only): bfloat16 for a cached tensor over ``AUTO_CACHE_BYTES`` in float32 (ImageNet-size feature maps of
@@ -201,6 +213,7 @@ class ReconstructionConfig:
     # channel profile keeps only its per-sample shape; True: each sample weighs by its own score (the paper's
     # sample attention), which concentrates the fit on fewer samples
     hessian_per_sample: bool = True
+    hessian_scope: HessianScope = HessianScope.ALL
     # keep the result only if the network output on held-out calibration samples is closer to float than
     # round-to-nearest's; the held-out share is not trained on (see method/fallback.py)
     fallback: bool = True
@@ -217,6 +230,7 @@ class ReconstructionConfig:
     def __post_init__(self) -> None:
         _check_choice("ReconstructionConfig.granularity", self.granularity, ("layer", "block", "network"))
         _coerce_enum_(self, "target", Target, "ReconstructionConfig.target")
+        _coerce_enum_(self, "hessian_scope", HessianScope, "ReconstructionConfig.hessian_scope")
         for n in ("cache_precision", "compute_precision"):
             _coerce_enum_(self, n, Precision, f"ReconstructionConfig.{n}")
         if self.compute_precision is Precision.AUTO:

@@ -325,3 +325,25 @@ def is_data_movement(gm: fx.GraphModule, node: fx.Node) -> bool:
         return isinstance(gm.get_submodule(node.target), _MOVE_MODULES)
     return node.op == "call_method" and node.target in _MOVE_METHODS
 
+
+
+def is_batchnorm_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A BatchNorm left in the graph (a module or any functional / aten form): one BN folding could not fold."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.modules.batchnorm._BatchNorm)
+    return is_batchnorm_function(node)
+
+
+def rescaled_downstream(gm: fx.GraphModule, node: fx.Node, is_quantizer: Callable[[fx.Node], bool]) -> bool:
+    """Whether a BatchNorm rescales ``node``'s output before it reaches the next quantizer, weight op or matmul
+    (through elementwise ops, data movement and joins); ``is_quantizer`` says which nodes quantize."""
+    seen, todo = set(), list(node.users)
+    while todo:
+        n = todo.pop()
+        if n in seen or n.op == "output" or is_quantizer(n) or is_quant_op(gm, n):
+            continue
+        seen.add(n)
+        if is_batchnorm_node(gm, n):
+            return True
+        todo.extend(n.users)
+    return False

@@ -14,14 +14,16 @@ import torch
 import torch.fx as fx
 
 from eptq_fx import distributed
-from eptq_fx.config import EPTQConfig, Target
+from eptq_fx.config import EPTQConfig, HessianScope, ReconstructionConfig, Target
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import HessianError
 from eptq_fx.graph.passes.block_schedule import plan_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
 from eptq_fx.method.weight_hessian import weight_hessian
+from eptq_fx.graph.ops import rescaled_downstream
 from eptq_fx.numerics.calibration import quant_disabled
+from eptq_fx.numerics.quantizers import ActQuantizer
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,29 @@ class HessianEstimate:
         return self.activation.scores
 
 
+def rescaled_compare_points(gm: fx.GraphModule) -> set[str]:
+    """Compare points whose output a BatchNorm that stayed in the graph rescales before the next quantizer."""
+    def quantizer(n: fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), ActQuantizer)
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return {c for c in compare_points(gm) if rescaled_downstream(gm, by_name[c], quantizer)}
+
+
+def weighs_by_hessian(gm: fx.GraphModule, rc: ReconstructionConfig) -> bool:
+    """Whether any block's loss is Hessian-weighted (``hessian_weighting``, within ``hessian_scope``)."""
+    if not rc.hessian_weighting:
+        return False
+    return rc.hessian_scope is HessianScope.ALL or bool(rescaled_compare_points(gm))
+
+
 def estimate_hessian(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig,
                      progress: bool = True) -> HessianEstimate:
     """Compute the Hessians ``config`` asks for on the float model (quantizers disabled; ``prepared`` is not
     modified)."""
     rc = config.reconstruction
+    if rc.hessian_weighting and not weighs_by_hessian(prepared, rc):  # no block in scope: a uniform loss
+        rc = dataclasses.replace(rc, hessian_weighting=False)
     act = None
     wh = None
     hc = config.hessian

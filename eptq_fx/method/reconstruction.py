@@ -19,7 +19,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from eptq_fx import distributed
-from eptq_fx.config import EPTQConfig, Precision, ReconstructionConfig, Target
+from eptq_fx.config import EPTQConfig, HessianScope, Precision, ReconstructionConfig, Target
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
 from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
@@ -28,7 +28,7 @@ from eptq_fx.method.activation_hessian import HessianScores
 from eptq_fx.method.block_runner import fetch, module_device, module_dtype, on_device, quantizers_train_, run_block
 from eptq_fx.method.checkpoint import RunCheckpoint
 from eptq_fx.method.fallback import float_outputs, output_error, restore_rtn_, snapshot_rtn
-from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
+from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian, rescaled_compare_points
 from eptq_fx.numerics.calibration import init_weight_scales_, input_names, quant_disabled
 from eptq_fx.numerics.distance import squared_distance
 from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
@@ -330,6 +330,10 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     # where Target.BLOCK looks up its per-sample output weights (nowhere when the loss weighs samples alike)
     block_hs = [t for t in (hs, hessian.block_outputs) if t is not None] if hessian.weighs else []
     scores = hessian.scores(calib.n, len(cps))
+    # HessianScope.RESCALED: the blocks outside the scope train with a uniform loss
+    in_scope = (lambda block: True) if rc.hessian_scope is HessianScope.ALL else \
+        (lambda block, rescaled=rescaled_compare_points(prepared): bool(rescaled & set(block.quant_ops)))
+    uniform_rc = dataclasses.replace(rc, hessian_weighting=False, hessian_per_channel=False)
     if hs is not None:  # for eptq_fx.report
         prepared.meta[HESSIAN_MEAN] = dict(zip(cps, hs.scores.mean(0).tolist()))
     local, shard = distributed.shard(calib)  # under torchrun: this rank's samples; else all of them
@@ -359,12 +363,13 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         done = ckpt is not None and ckpt.restore_block_(block.index, parts)
         if not done and parts.cp_index:
             gen = torch.Generator().manual_seed(config.seed * 100_003 + block.index)
-            layer_w = _layer_weights(scores, parts, rc, [t[0].numel() for t in f_targets])
-            profiles = _channel_profiles(hs, parts, cps, rc)
+            brc = rc if in_scope(block) else uniform_rc
+            layer_w = _layer_weights(scores, parts, brc, [t[0].numel() for t in f_targets])
+            profiles = _channel_profiles(hs, parts, cps, brc)
             tb = time.perf_counter()
-            before, after, sqnr = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen,
+            before, after, sqnr = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, brc, gen,
                                          n_train, hold_idx, progress, shard if distributed.is_active() else None,
-                                         block_hs)
+                                         block_hs if brc is rc else [])
             q_out = run_block(sub, q_vals, block, None, keep=n_out, store=store)
             # the SQNR of what the loss compares (this rank's held-out samples; no extra pass over the block)
             logger.info("block %d (%s): loss %.4g -> %.4g, held-out SQNR %.1f dB, %.1f s", block.index,
