@@ -18,18 +18,19 @@ from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 # options of VARIANTS on top of today's defaults; the underscore names are the ones earlier rows were recorded
 # under (with the defaults of their day: Hessian-weighted, no QDrop).
 VARIANTS = {
-    "hessian": {"hessian_weighting": True},  # the loss weighted by the label-free Hessian (default until issue 11)
-    "uniform": {"hessian_weighting": False},  # every sample and layer weighs 1 (the default since issue 11)
-    "channel": {"hessian_weighting": True, "hessian_per_channel": True},  # per-sample, per-channel weights
+    "hessian": {"hessian_weighting": True, "hessian_per_channel": False, "hessian_scope": "all"},  # the loss weighted by the label-free Hessian (default until issue 11)
+    "uniform": {"hessian_weighting": False},  # every sample and layer weighs 1 (the default from issue 11 to stop 21)
+    "channel": {"hessian_weighting": True, "hessian_per_channel": True, "hessian_scope": "all"},  # per-sample, per-channel weights
     "pooled": {"hessian_per_sample": False},
     # the per-sample, per-channel Hessian only in blocks whose outputs an unfolded BatchNorm rescales
     "rescaled": {"hessian_weighting": True, "hessian_per_channel": True, "hessian_scope": "rescaled"},  # Hessian layer weights averaged over samples (no sample attention)
     "block": {"target": "block"},  # BRECQ's target: the block's outputs
     "qdrop": {"qdrop": 0.5},  # QDrop: each activation kept float with probability 0.5 while training (default)
     "noqdrop": {"qdrop": 0.0},  # every activation quantized while training (the default until issue 11)
-    "network": {"granularity": "network", "hessian_weighting": True},  # one block, Hessian-weighted
+    "network": {"granularity": "network", "hessian_weighting": True, "hessian_per_channel": False,
+                "hessian_scope": "all"},  # one block, Hessian-weighted
     "hmse": {},  # Hessian-weighted MSE weight thresholds (an EPTQConfig option, below)
-    "kl": {"hessian_weighting": True},  # + the Hessian of the KL to the model's own softmax (HessianConfig)
+    "kl": {"hessian_weighting": True, "hessian_per_channel": False, "hessian_scope": "all"},  # + the Hessian of the KL to the model's own softmax (HessianConfig)
     "fast": {},  # EPTQ_FAST_ITERS steps per block
     "fusable": {},  # act_placement="fusable": join inputs quantized as int8 runtimes fuse them (an EPTQConfig option)
     "inputs": {},  # act_placement="inputs": only the inputs of quantized layers

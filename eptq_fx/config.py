@@ -202,18 +202,20 @@ class ReconstructionConfig:
     # probability of keeping an activation in float while training (QDrop); 0 disables. 0.5 measured best
     # (ResNet-20 W2A4 76.07 against 74.62 without, W4A4 80.38 against 80.26; BENCHMARKS.md "EPTQ, issue 11")
     qdrop: float = 0.5
-    # True weighs each sample's (and layer's) error by its label-free Hessian score; measured behind uniform
-    # weights in every block-wise pairing we ran (BENCHMARKS.md), so the loss is uniform by default and the
-    # Hessian ranks layers (report, mixed precision) instead
-    hessian_weighting: bool = False
+    # True weighs each sample's (and layer's) error by its label-free Hessian score, within hessian_scope. The
+    # default weighs only where an unfolded BatchNorm rescales a layer's output (HessianScope.RESCALED): there
+    # the per-sample, per-channel Hessian is worth 2.5 points (ConvMixer W2A4); in every block where the
+    # BatchNorms fold it measured behind uniform weights, so those blocks keep a uniform loss (BENCHMARKS.md,
+    # "The Hessian where BatchNorms stay in the graph")
+    hessian_weighting: bool = True
     # also weight each channel (dim 1) of a compare point by its share of that sample's Hessian trace: a
     # per-sample block-diagonal (per-channel) rather than isotropic second-order approximation of the output error
-    hessian_per_channel: bool = False
+    hessian_per_channel: bool = True
     # False: a layer's weight is its Hessian score averaged over the samples (the same for every sample), and a
     # channel profile keeps only its per-sample shape; True: each sample weighs by its own score (the paper's
     # sample attention), which concentrates the fit on fewer samples
     hessian_per_sample: bool = True
-    hessian_scope: HessianScope = HessianScope.ALL
+    hessian_scope: HessianScope = HessianScope.RESCALED
     # keep the result only if the network output on held-out calibration samples is closer to float than
     # round-to-nearest's; the held-out share is not trained on (see method/fallback.py)
     fallback: bool = True

@@ -28,6 +28,7 @@ from eptq_fx import (
     EPTQConfig,
     HessianConfig,
     HessianError,
+    HessianScope,
     ModelError,
     Override,
     ReconstructionConfig,
@@ -39,7 +40,8 @@ RTN = EPTQConfig(weight_bits=8, act_bits=8, method="rtn", n_calib=32)
 TINY = EPTQConfig(weight_bits=4, act_bits=4, n_calib=32,
                   hessian=HessianConfig(max_probes=3, min_probes=2, cache_dir=None),
                   reconstruction=ReconstructionConfig(iters=8, batch_size=8))
-WEIGHTED = dataclasses.replace(TINY, reconstruction=dataclasses.replace(TINY.reconstruction, hessian_weighting=True))
+WEIGHTED = dataclasses.replace(TINY, reconstruction=dataclasses.replace(TINY.reconstruction, hessian_weighting=True,
+                                                                                   hessian_scope="all"))
 QDQ_OPS = (torch.ops.quantized_decomposed.quantize_per_tensor.default,
            torch.ops.quantized_decomposed.dequantize_per_channel.default)
 
@@ -500,10 +502,11 @@ def test_output_independent_of_the_layers_has_an_all_zero_hessian():
 
 
 def test_argmax_output_works_without_hessian_where_none_is_needed(caplog):
-    """RTN needs no Hessian, and the default uniform loss does not either: the scores the report would show are
-    missing, with a warning that says why."""
+    """RTN needs no Hessian, and the default loss does not either where no BatchNorm stays in the graph (its
+    Hessian scope is empty, the loss uniform): the scores the report would show are missing, with a warning that
+    says why."""
     assert has_qdq(quantize(ArgmaxOutput(), data(), dataclasses.replace(TINY, method="rtn")))
-    assert not TINY.reconstruction.hessian_weighting
+    assert TINY.reconstruction.hessian_scope is HessianScope.RESCALED
     with caplog.at_level("WARNING", logger="eptq_fx"):
         gm = quantize(ArgmaxOutput(), data(), TINY)
     assert gm(data()).dtype == torch.int64

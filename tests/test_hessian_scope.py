@@ -15,7 +15,7 @@ from examples.models import example_input, make_model
 
 CFG = EPTQConfig(weight_bits=4, act_bits=4, n_calib=64, first_last_8bit=False,
                  hessian=HessianConfig(max_probes=4, min_probes=2, batch_size=32, cache_dir=None),
-                 reconstruction=ReconstructionConfig(iters=20, batch_size=16))
+                 reconstruction=ReconstructionConfig(iters=20, batch_size=16, hessian_weighting=False))
 SCOPED = dataclasses.replace(CFG, reconstruction=dataclasses.replace(
     CFG.reconstruction, hessian_weighting=True, hessian_per_channel=True, hessian_scope="rescaled"))
 
@@ -25,6 +25,9 @@ def _prepared(name: str, x: torch.Tensor):
 
 
 def test_scope_is_validated():
+    default = ReconstructionConfig()
+    assert default.hessian_weighting and default.hessian_per_channel
+    assert default.hessian_scope is HessianScope.RESCALED
     assert ReconstructionConfig(hessian_scope="rescaled").hessian_scope is HessianScope.RESCALED
     with pytest.raises(ConfigError, match="hessian_scope must be one of all, rescaled"):
         ReconstructionConfig(hessian_scope="some")

@@ -95,7 +95,7 @@ def test_uniform_weighting_and_hmse_run_and_change_the_result():
     base = _tiny_config(iters=40)
     variants = {
         "hessian": EPTQConfig(**{**base.__dict__, "reconstruction": ReconstructionConfig(
-            iters=40, batch_size=16, hessian_weighting=True)}),
+            iters=40, batch_size=16, hessian_weighting=True, hessian_per_channel=False, hessian_scope="all")}),
         "uniform": EPTQConfig(**{**base.__dict__, "reconstruction": ReconstructionConfig(
             iters=40, batch_size=16, hessian_weighting=False)}),
         "hmse": EPTQConfig(**{**base.__dict__, "weight_range": "hmse"}),
@@ -115,7 +115,7 @@ def test_channel_profile_weights_each_channel_by_its_share_of_the_sample_trace()
     parts = BlockParts({}, {}, [0], [])
     profile = _channel_profiles(hs, parts, ["conv"], ReconstructionConfig(hessian_per_channel=True))[0]
     torch.testing.assert_close(profile, torch.tensor([[0.5, 1.0, 1.5], [1.0, 1.0, 1.0]]))  # all-zero row: even
-    assert _channel_profiles(hs, parts, ["conv"], ReconstructionConfig())[0] is None
+    assert _channel_profiles(hs, parts, ["conv"], ReconstructionConfig(hessian_per_channel=False))[0] is None
     # the distance weights the squared error of each sample's channel (dim 1) by the profile, summed per sample
     pred, target = torch.zeros(2, 3, 2, 2), torch.ones(2, 3, 2, 2)
     target[1] *= 2.0
@@ -147,7 +147,7 @@ def test_per_channel_hessian_weighting_runs_and_changes_the_result():
     x = example_input("small_cnn", batch_size=64, seed=5)
     base = _tiny_config(iters=40)
     channel = EPTQConfig(**{**base.__dict__, "reconstruction": ReconstructionConfig(
-        iters=40, batch_size=16, hessian_weighting=True, hessian_per_channel=True)})
+        iters=40, batch_size=16, hessian_weighting=True, hessian_per_channel=True, hessian_scope="all")})
     a = eptq_fx.quantize(model, x, base, progress=False)(x)
     b = eptq_fx.quantize(model, x, channel, progress=False)(x)
     assert torch.isfinite(b).all() and not torch.equal(a, b)
