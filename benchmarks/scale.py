@@ -143,14 +143,19 @@ def run_mct_gptq(name: str, n_calib: int, steps: int, threads: int | None) -> di
             "weight_bits_used": d.get("weight_bits_used")}
 
 
-def run_end_to_end(name: str, n_calib: int, threads: int | None) -> dict:
+def run_end_to_end(name: str, n_calib: int, threads: int | None, device: str = "cpu") -> dict:
     """One default quantize call, wall time and the stages its report records; only the Hessian's disk cache is
-    off (a second run would otherwise read the scores instead of computing them)."""
+    off (a second run would otherwise read the scores instead of computing them). ``device="cuda"`` puts the
+    model and the images on the GPU first, as a user with one would; the row then adds the GPU's peak memory."""
     import eptq_fx
 
-    model, x = build(name), images(n_calib)
+    model, x = build(name).to(device), images(n_calib).to(device)
     if threads:
         torch.set_num_threads(threads)
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     base = eptq_fx.EPTQConfig(weight_bits=4, act_bits=8, n_calib=n_calib)
     config = dataclasses.replace(base, hessian=dataclasses.replace(base.hessian, cache_dir=None))
     handler = _BlockTimes()
@@ -158,11 +163,18 @@ def run_end_to_end(name: str, n_calib: int, threads: int | None) -> dict:
     logging.getLogger("eptq_fx.method.reconstruction").setLevel(logging.INFO)
     t = time.perf_counter()
     q = eptq_fx.quantize(model, x, config, progress=False)
+    if on_gpu:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t
     rec = eptq_fx.report(q)
-    return {"model": name, "n_calib": n_calib, "threads": torch.get_num_threads(), "wall_s": round(wall, 1),
-            "stages_s": {k: round(v, 1) for k, v in rec["totals"]["stage_seconds"].items()},
-            "blocks_s": [round(s, 1) for s in handler.seconds], "peak_rss_gb": round(peak_rss_gb(), 2)}
+    row = {"model": name, "n_calib": n_calib, "threads": torch.get_num_threads(), "wall_s": round(wall, 1),
+           "stages_s": {k: round(v, 1) for k, v in rec["totals"]["stage_seconds"].items()},
+           "blocks_s": [round(s, 1) for s in handler.seconds], "peak_rss_gb": round(peak_rss_gb(), 2)}
+    if on_gpu:
+        row.update(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                   weights_on_device=all(t.device.type == "cuda" for t in q.state_dict().values()))
+    return row
 
 
 def _write(path: Path, rows: list[dict], key) -> None:
@@ -193,12 +205,16 @@ def main() -> None:
                         help="time MCT GPTQ instead (STEPS network-wise steps; results in scale_mct.json)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time one default eptq_fx.quantize call instead (results in scale_e2e.json)")
+    parser.add_argument("--device", default="cpu",
+                        help="with --end-to-end: where the model and images are (cpu or cuda; rows on a GPU go "
+                             "to scale_gpu.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.end_to_end:
-        rows = [run_end_to_end(m, args.n_calib, args.threads) for m in args.models]
-        _write(RESULTS.with_name("scale_e2e.json"), rows, lambda r: (r["model"], r["n_calib"], r["threads"]))
+        rows = [run_end_to_end(m, args.n_calib, args.threads, args.device) for m in args.models]
+        out = "scale_gpu.json" if torch.device(args.device).type == "cuda" else "scale_e2e.json"
+        _write(RESULTS.with_name(out), rows, lambda r: (r["model"], r["n_calib"], r["threads"]))
         for r in rows:
             print(r)
         return
