@@ -31,6 +31,9 @@ VARIANTS = {
                 "hessian_scope": "all"},  # one block, Hessian-weighted
     "hmse": {},  # Hessian-weighted MSE weight thresholds (an EPTQConfig option, below)
     "kl": {"hessian_weighting": True, "hessian_per_channel": False, "hessian_scope": "all"},  # + the Hessian of the KL to the model's own softmax (HessianConfig)
+    "ft500": {"finetune_iters": 500},  # + network-wise fine-tuning of biases and scales (method/finetune.py)
+    "ft2000": {"finetune_iters": 2000},
+    "ftlr10": {"finetune_lr": 10.0},
     "fast": {},  # EPTQ_FAST_ITERS steps per block
     "fusable": {},  # act_placement="fusable": join inputs quantized as int8 runtimes fuse them (an EPTQConfig option)
     "inputs": {},  # act_placement="inputs": only the inputs of quantized layers

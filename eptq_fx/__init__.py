@@ -7,8 +7,17 @@ from eptq_fx import (
     errors,
     export,  # the module: eptq_fx.export.export / export_onnx / load
 )
-from eptq_fx.config import (KEEP, ActPlacement, EPTQConfig, HessianConfig, HessianScope, Override, Precision,
-                             ReconstructionConfig, Target)
+from eptq_fx.config import (
+    KEEP,
+    ActPlacement,
+    EPTQConfig,
+    HessianConfig,
+    HessianScope,
+    Override,
+    Precision,
+    ReconstructionConfig,
+    Target,
+)
 from eptq_fx.errors import (
     ArtifactError,
     CalibrationDataError,

@@ -220,6 +220,11 @@ class ReconstructionConfig:
     # round-to-nearest's; the held-out share is not trained on (see method/fallback.py)
     fallback: bool = True
     fallback_holdout: float = 0.125
+    # steps of network-wise fine-tuning after the blocks (method/finetune.py): biases and weight / activation
+    # scales trained through the whole network on the output's squared distance to float, rounding fixed;
+    # kept only if the held-out output error drops. 0 skips it. finetune_lr scales lr_bias and lr_scale
+    finetune_iters: int = 0
+    finetune_lr: float = 1.0
     # BFLOAT16 stores the block inputs and float targets kept between blocks (the run's largest memory at
     # ImageNet size) in bfloat16, read back as float32: half the memory, a relative rounding of 2^-9 per value;
     # AUTO does so only for tensors over AUTO_CACHE_BYTES (384 MiB: ResNet-18's maps at 1024 images up to its
@@ -248,6 +253,10 @@ class ReconstructionConfig:
             raise ConfigError("ReconstructionConfig.warmup must be in [0, 1).")
         if not 0.0 <= self.qdrop < 1.0:
             raise ConfigError("ReconstructionConfig.qdrop must be in [0, 1).")
+        if isinstance(self.finetune_iters, bool) or not isinstance(self.finetune_iters, int) or self.finetune_iters < 0:
+            raise ConfigError("ReconstructionConfig.finetune_iters must be an integer >= 0 (0 skips the "
+                              "network-wise fine-tuning).")
+        _check_positive("ReconstructionConfig.finetune_lr", self.finetune_lr, integer=False)
         if not 0.0 <= self.fallback_holdout <= 0.5:
             raise ConfigError("ReconstructionConfig.fallback_holdout must be in [0, 0.5].")
         if not (self.gamma < 0.0 and self.zeta > 1.0):

@@ -17,11 +17,11 @@ from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig, HessianScope, ReconstructionConfig, Target
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import HessianError
+from eptq_fx.graph.ops import rescaled_downstream
 from eptq_fx.graph.passes.block_schedule import plan_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
 from eptq_fx.method.weight_hessian import weight_hessian
-from eptq_fx.graph.ops import rescaled_downstream
 from eptq_fx.numerics.calibration import quant_disabled
 from eptq_fx.numerics.quantizers import ActQuantizer
 

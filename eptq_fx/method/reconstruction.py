@@ -28,6 +28,7 @@ from eptq_fx.method.activation_hessian import HessianScores
 from eptq_fx.method.block_runner import fetch, module_device, module_dtype, on_device, quantizers_train_, run_block
 from eptq_fx.method.checkpoint import RunCheckpoint
 from eptq_fx.method.fallback import float_outputs, output_error, restore_rtn_, snapshot_rtn
+from eptq_fx.method.finetune import finetune_network_
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian, rescaled_compare_points
 from eptq_fx.numerics.calibration import init_weight_scales_, input_names, quant_disabled
 from eptq_fx.numerics.distance import squared_distance
@@ -286,7 +287,7 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     power = [0.0, 0.0]
     with torch.no_grad():
         loss_after = global_loss(eval_idx, power)
-        if loss_after > loss_before:
+        if not loss_after <= loss_before:  # a NaN (diverged) counts as worse
             # too few steps to settle the rounding: keep round-to-nearest rather than ship a worse block
             trainer.revert_()
             logger.info("block %d: optimised loss %.4g > round-to-nearest %.4g, kept round-to-nearest",
@@ -383,11 +384,15 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         for name in [k for k in f_vals if last_use.get(k, -1) <= block.index]:
             f_vals.pop(name, None)
             q_vals.pop(name, None)
+    if rc.finetune_iters:
+        if not rc.fallback:
+            f_hold = float_outputs(prepared, calib, hold_idx)
+        finetune_network_(prepared, calib, rc, n_train, hold_idx, f_hold, config.seed, progress)
     if rc.fallback:
         eptq_err = output_error(prepared, calib, hold_idx, f_hold)
         logger.info("network output error on %d held-out samples: round-to-nearest %.4g, EPTQ %.4g",
                     len(hold_idx), rtn_err, eptq_err)
-        if eptq_err > rtn_err:
+        if not eptq_err <= rtn_err:  # a NaN (diverged) counts as worse
             restore_rtn_(prepared, rtn)
             logger.warning("EPTQ moved the network output further from float than round-to-nearest "
                            "(%.4g > %.4g on held-out samples): kept round-to-nearest", eptq_err, rtn_err)
