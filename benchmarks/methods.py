@@ -17,23 +17,27 @@ from benchmarks.peers import PEER_MODULES, PeerRun, load_peer
 # uniform ones), HMSE thresholds, per-sample-per-channel Hessian weights, ... Any "eptq+opt1+opt2" combines the
 # options of VARIANTS on top of today's defaults; the underscore names are the ones earlier rows were recorded
 # under (with the defaults of their day: Hessian-weighted, no QDrop).
+_HESSIAN_EVERYWHERE = {"hessian_weighting": True, "hessian_scope": "all"}
 VARIANTS = {
-    "hessian": {"hessian_weighting": True, "hessian_per_channel": False, "hessian_scope": "all"},  # the loss weighted by the label-free Hessian (default until issue 11)
-    "uniform": {"hessian_weighting": False},  # every sample and layer weighs 1 (the default from issue 11 to stop 21)
-    "channel": {"hessian_weighting": True, "hessian_per_channel": True, "hessian_scope": "all"},  # per-sample, per-channel weights
-    "pooled": {"hessian_per_sample": False},
-    # the per-sample, per-channel Hessian only in blocks whose outputs an unfolded BatchNorm rescales
-    "rescaled": {"hessian_weighting": True, "hessian_per_channel": True, "hessian_scope": "rescaled"},  # Hessian layer weights averaged over samples (no sample attention)
+    # the loss weighted by the label-free Hessian in every block (default until issue 11)
+    "hessian": {**_HESSIAN_EVERYWHERE, "hessian_per_channel": False},
+    "uniform": {"hessian_weighting": False},  # every sample and layer weighs 1 (the default from issue 11 to stop 22)
+    "channel": {**_HESSIAN_EVERYWHERE, "hessian_per_channel": True},  # per-sample, per-channel weights, every block
+    "pooled": {"hessian_per_sample": False},  # Hessian layer weights averaged over samples (no sample attention)
+    # the per-sample, per-channel Hessian only in blocks whose outputs an unfolded BatchNorm rescales (default)
+    "rescaled": {"hessian_weighting": True, "hessian_per_channel": True, "hessian_scope": "rescaled"},
     "block": {"target": "block"},  # BRECQ's target: the block's outputs
     "qdrop": {"qdrop": 0.5},  # QDrop: each activation kept float with probability 0.5 while training (default)
     "noqdrop": {"qdrop": 0.0},  # every activation quantized while training (the default until issue 11)
-    "network": {"granularity": "network", "hessian_weighting": True, "hessian_per_channel": False,
-                "hessian_scope": "all"},  # one block, Hessian-weighted
+    "network": {"granularity": "network", **_HESSIAN_EVERYWHERE, "hessian_per_channel": False},  # one block
     "hmse": {},  # Hessian-weighted MSE weight thresholds (an EPTQConfig option, below)
-    "kl": {"hessian_weighting": True, "hessian_per_channel": False, "hessian_scope": "all"},  # + the Hessian of the KL to the model's own softmax (HessianConfig)
+    # + the Hessian of the KL to the model's own softmax (HessianConfig)
+    "kl": {**_HESSIAN_EVERYWHERE, "hessian_per_channel": False},
     "ft500": {"finetune_iters": 500},  # + network-wise fine-tuning of biases and scales (method/finetune.py)
     "ft2000": {"finetune_iters": 2000},
     "ftlr10": {"finetune_lr": 10.0},
+    "lowbit": {"low_bit_steps": True},  # 2^(4-b)x the steps in blocks with b < 4-bit weights
+    "fixedsteps": {"low_bit_steps": False},  # every block the same number of steps
     "fast": {},  # EPTQ_FAST_ITERS steps per block
     "fusable": {},  # act_placement="fusable": join inputs quantized as int8 runtimes fuse them (an EPTQConfig option)
     "inputs": {},  # act_placement="inputs": only the inputs of quantized layers
@@ -90,7 +94,8 @@ def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Bu
     elif "fast" in opts:
         iters = iters or EPTQ_FAST_ITERS
     rc = {} if iters is None else {"iters": iters}
-    placement = {"act_placement": p for p in PLACEMENTS if p in opts}
+    chosen = [p for p in PLACEMENTS if p in opts]
+    placement = {"act_placement": chosen[-1]} if chosen else {}
     for opt in sorted(opts, key=lambda o: o == "uniform"):  # "network_uniform": uniform wins over network's
         rc.update(VARIANTS[opt])
     if "network" in opts:

@@ -185,6 +185,9 @@ class ReconstructionConfig:
     granularity: Granularity = "block"
     target: Target = Target.LAYERS
     iters: int = 500  # optimisation steps per block (network mode: in total); ~2 min for ResNet-20 on 2 cores
+    # a block whose narrowest weights have b < 4 bits runs 2^(4−b)·iters steps (method/reconstruction.py
+    # block_steps): 4× at 2 bits, 2× at 3
+    low_bit_steps: bool = False
     batch_size: int = 32
     lr_round: float = 1e-2
     lr_bias: float = 1e-3

@@ -65,6 +65,18 @@ def _block_parts(gm: fx.GraphModule, block: Block, cp_names: list[str]) -> Block
     return BlockParts(wops, aqs, [cp_names.index(n) for n in block.quant_ops], weight_pos)
 
 
+def block_steps(parts: BlockParts, rc: ReconstructionConfig) -> int:
+    """Optimisation steps for one block: ``rc.iters``, and under ``rc.low_bit_steps`` 2^(4−b)·iters when the
+    narrowest weights in the block have b < 4 bits (2000 at 2 bits, 1000 at 3 with the default 500). Why: at
+    2 bits each rounding decision moves a weight by a quarter of its range, the soft-rounding variables need
+    many more steps to settle, and ResNet-20 W2A4 was still gaining at 4× the steps (BENCHMARKS.md); blocks at
+    4 bits and more keep the budget that the 4- and 8-bit figures were measured with."""
+    bits = [op.weight_quant.bits for op in parts.weight_ops.values()]
+    if not rc.low_bit_steps or not bits or min(bits) >= 4:
+        return rc.iters
+    return rc.iters * 2 ** (4 - min(bits))
+
+
 def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionConfig,
                    sizes: list[int]) -> torch.Tensor:
     """(N, L_block) loss weights for the per-layer squared errors.
@@ -364,13 +376,17 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         done = ckpt is not None and ckpt.restore_block_(block.index, parts)
         if not done and parts.cp_index:
             gen = torch.Generator().manual_seed(config.seed * 100_003 + block.index)
-            brc = rc if in_scope(block) else uniform_rc
+            weighted = in_scope(block)
+            brc = rc if weighted else uniform_rc
+            steps = block_steps(parts, rc)
+            if steps != brc.iters:
+                brc = dataclasses.replace(brc, iters=steps)
             layer_w = _layer_weights(scores, parts, brc, [t[0].numel() for t in f_targets])
             profiles = _channel_profiles(hs, parts, cps, brc)
             tb = time.perf_counter()
             before, after, sqnr = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, brc, gen,
                                          n_train, hold_idx, progress, shard if distributed.is_active() else None,
-                                         block_hs if brc is rc else [])
+                                         block_hs if weighted else [])
             q_out = run_block(sub, q_vals, block, None, keep=n_out, store=store)
             # the SQNR of what the loss compares (this rank's held-out samples; no extra pass over the block)
             logger.info("block %d (%s): loss %.4g -> %.4g, held-out SQNR %.1f dB, %.1f s", block.index,
