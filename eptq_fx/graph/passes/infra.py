@@ -22,11 +22,20 @@ from eptq_fx.graph.passes.annotation import annotate
 from eptq_fx.graph.passes.block_schedule import schedule_blocks
 from eptq_fx.graph.passes.bn_folding import fold_batchnorm
 from eptq_fx.graph.passes.qdq_insertion import insert_qdq
+from eptq_fx.graph.passes.shape_reads import localize_shape_reads_
 from eptq_fx.graph.passes.weight_ops import modularize_weight_ops
 
 
 def _signature(gm: fx.GraphModule) -> tuple:
     return tuple((n.op, str(n.target), len(n.users)) for n in gm.graph.nodes)
+
+
+class LocalizeShapeReads(PassBase):
+    """Each use of a dynamic size reads it from a tensor it already takes (see ``shape_reads``), so a batch
+    size read once at the input does not tie every later layer into one reconstruction block."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return PassResult(graph_module, localize_shape_reads_(graph_module) > 0)
 
 
 class ModularizeWeightOps(PassBase):
@@ -113,9 +122,10 @@ def check_graph(gm: fx.GraphModule) -> None:
 
 
 def prepare_pass_manager(config: EPTQConfig, example_inputs: tuple | None = None) -> PassManager:
-    """The pass pipeline of ``prepare``: modularize → fold BN → (shapes) → annotate → insert Q/DQ, with
-    ``check_graph`` after each. Modularizing first lets BN fold into functional / aten convs too."""
-    passes = [ModularizeWeightOps(), FoldBatchNorm()]
+    """The pass pipeline of ``prepare``: localize shape reads → modularize → fold BN → (shapes) → annotate →
+    insert Q/DQ, with ``check_graph`` after each. Modularizing first lets BN fold into functional / aten convs
+    too."""
+    passes = [LocalizeShapeReads(), ModularizeWeightOps(), FoldBatchNorm()]
     if example_inputs is not None:
         passes.append(PropagateShapes(example_inputs))
     passes += [Annotate(config), InsertQDQ(power_of_two=config.power_of_two, seed=config.seed)]
