@@ -36,8 +36,8 @@ VARIANTS = {
     "ft500": {"finetune_iters": 500},  # + network-wise fine-tuning of biases and scales (method/finetune.py)
     "ft2000": {"finetune_iters": 2000},
     "ftlr10": {"finetune_lr": 10.0},
-    "lowbit": {"low_bit_steps": True},  # 2^(4-b)x the steps in blocks with b < 4-bit weights
-    "fixedsteps": {"low_bit_steps": False},  # every block the same number of steps
+    "lowbit": {"low_bit_steps": True},  # 2^(4-b)x the steps in blocks with b < 4-bit weights (default since stop 23)
+    "fixedsteps": {"low_bit_steps": False},  # every block the same number of steps (the default until stop 23)
     "fast": {},  # EPTQ_FAST_ITERS steps per block
     "fusable": {},  # act_placement="fusable": join inputs quantized as int8 runtimes fuse them (an EPTQConfig option)
     "inputs": {},  # act_placement="inputs": only the inputs of quantized layers

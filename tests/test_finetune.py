@@ -15,7 +15,7 @@ from examples.models import example_input, make_model
 
 BASE = EPTQConfig(weight_bits=2, act_bits=4, n_calib=256, first_last_8bit=False, seed=0,
                   hessian=HessianConfig(cache_dir=None),
-                  reconstruction=ReconstructionConfig(iters=40, batch_size=16, fallback=False))
+                  reconstruction=ReconstructionConfig(iters=40, batch_size=16, fallback=False, low_bit_steps=False))
 
 
 def _with(**rc) -> EPTQConfig:

@@ -192,7 +192,9 @@ def test_low_bit_blocks_get_more_steps():
     assert block_steps(BlockParts({"c": three}, {}, [0], [0]), rc) == 200
     assert block_steps(BlockParts({"b": four}, {}, [0], [0]), rc) == 100
     assert block_steps(BlockParts({}, {}, [0], []), rc) == 100  # activation quantizers only
-    assert block_steps(BlockParts({"a": two}, {}, [0], [0]), ReconstructionConfig(iters=100)) == 100
+    assert block_steps(BlockParts({"a": two}, {}, [0], [0]), ReconstructionConfig(iters=100, low_bit_steps=False)) \
+        == 100
+    assert ReconstructionConfig().low_bit_steps
 
 
 def test_low_bit_steps_equal_a_run_with_that_many_steps():
@@ -200,7 +202,7 @@ def test_low_bit_steps_equal_a_run_with_that_many_steps():
     activation phase-in and the minibatches all follow the block's own step count."""
     model = make_model("small_cnn", seed=3)
     x = example_input("small_cnn", batch_size=64, seed=5)
-    base = dataclasses.replace(_tiny_config(iters=10), weight_bits=2, first_last_8bit=False)
+    base = dataclasses.replace(_tiny_config(iters=10, low_bit_steps=False), weight_bits=2, first_last_8bit=False)
     scaled = dataclasses.replace(base, reconstruction=dataclasses.replace(base.reconstruction, low_bit_steps=True))
     plain = dataclasses.replace(base, reconstruction=dataclasses.replace(base.reconstruction, iters=40))
     a = eptq_fx.quantize(model, x, scaled, progress=False).state_dict()
