@@ -29,14 +29,14 @@ def accuracy_job(model_name: str, method: str, bits: str, seed: int, n_calib: in
     """One ``benchmarks.compare`` setting, on the GPU: quantize time, top-1 and the GPU's peak memory."""
     import eptq_fx
     from benchmarks.common import evaluate_top1, load_calibration, load_test
-    from benchmarks.methods import Budget, _eptq_config, parse_bits
+    from benchmarks.methods import Budget, eptq_config, parse_bits
     from benchmarks.zoo import get_spec
 
     spec = get_spec(model_name)
     w_bits, a_bits = parse_bits(bits)
     model = spec.build().cuda()
     calib = load_calibration(spec.dataset, spec.prep, n_calib).cuda()
-    config = _eptq_config(method, w_bits, a_bits, n_calib, Budget(seed=seed))
+    config = eptq_config(method, w_bits, a_bits, n_calib, Budget(seed=seed))
     torch.cuda.reset_peak_memory_stats()
     _sync()
     t = time.perf_counter()

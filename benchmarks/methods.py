@@ -78,7 +78,7 @@ class Budget:
     seed: int = 0  # eptq_fx's seed (Hessian probes, reconstruction batches); the calibration set stays fixed
 
 
-def _eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Budget):
+def eptq_config(method: str, w_bits: int, a_bits: int, n_calib: int, budget: Budget):
     from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 
     # cache_dir=None: every run pays for its own Hessian, so wall times compare like for like.
@@ -114,7 +114,7 @@ def quantize_with(method: str, model: nn.Module, calib: torch.Tensor, w_bits: in
     if method == "rtn" or eptq_options(method) is not None:
         import eptq_fx
 
-        config = _eptq_config(method, w_bits, a_bits, len(calib), budget)
+        config = eptq_config(method, w_bits, a_bits, len(calib), budget)
         qmodel = eptq_fx.quantize(model, calib, config=config)
         details = {"iters": config.reconstruction.iters if method != "rtn" else 0,
                    "hessian_max_probes": config.hessian.max_probes}

@@ -51,7 +51,8 @@ def restore_rtn_(prepared: fx.GraphModule, state: RTNState) -> None:
             aq.log_gain.zero_()
 
 
-def _leaves(out) -> list[torch.Tensor]:
+def output_leaves(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (any nesting), in order."""
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
@@ -64,7 +65,7 @@ def output_error(prepared: fx.GraphModule, calib: CalibSet, idx: torch.Tensor, f
     with torch.no_grad():
         for i in range(0, len(idx), batch_size):
             sel = idx[i:i + batch_size]
-            outs = _leaves(prepared(*calib.take(sel)))
+            outs = output_leaves(prepared(*calib.take(sel)))
             total += sum(float((o - f[i:i + batch_size]).pow(2).sum()) for o, f in zip(outs, float_out))
     prepared.train(was_training)
     return total / max(1, len(idx))
@@ -77,6 +78,6 @@ def float_outputs(prepared: fx.GraphModule, calib: CalibSet, idx: torch.Tensor,
     chunks: list[list[torch.Tensor]] = []
     with torch.no_grad(), quant_disabled(prepared):
         for i in range(0, len(idx), batch_size):
-            chunks.append(_leaves(prepared(*calib.take(idx[i:i + batch_size]))))
+            chunks.append(output_leaves(prepared(*calib.take(idx[i:i + batch_size]))))
     prepared.train(was_training)
     return [torch.cat([c[j] for c in chunks]) for j in range(len(chunks[0]))] if chunks else []

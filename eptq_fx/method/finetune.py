@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from eptq_fx.config import ReconstructionConfig
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.passes.qdq_insertion import act_quantizers, weight_ops
-from eptq_fx.method.fallback import _leaves, float_outputs, output_error
+from eptq_fx.method.fallback import float_outputs, output_error, output_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ def finetune_network_(prepared: fx.GraphModule, calib: CalibSet, rc: Reconstruct
     network output's error on ``hold_idx`` before and after; the stage is undone when "after" is not lower."""
     groups = _trainable(prepared, rc)
     before = output_error(prepared, calib, hold_idx, f_hold)
-    if not groups or rc.finetune_iters == 0:
-        _finish(prepared, groups)
+    if not groups:  # nothing left to train (every quantizer off, or every trainable part disabled)
         return before, before
     saved, live = _snapshot(groups, prepared)
     gen = torch.Generator().manual_seed(seed * 7_919 + 17)
@@ -84,7 +83,7 @@ def finetune_network_(prepared: fx.GraphModule, calib: CalibSet, rc: Reconstruct
     opt = torch.optim.Adam(groups)
     for _ in tqdm(range(rc.finetune_iters), desc="EPTQ network", disable=not progress, leave=False):
         idx = torch.randint(0, n_train, (rc.batch_size,), generator=gen)
-        outs = _leaves(prepared(*calib.take(idx)))
+        outs = output_leaves(prepared(*calib.take(idx)))
         loss = sum((o - t[idx].to(o.device)).pow(2).flatten(1).sum(1).mean() for o, t in zip(outs, targets))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -229,11 +229,11 @@ def test_combine_merges_runs_filters_methods_and_later_runs_win(tmp_path):
 
 def test_method_variants_reach_the_config():
     """``eptq+a+b`` names combine VARIANTS; the placement options set EPTQConfig.act_placement."""
-    from benchmarks.methods import _eptq_config
+    from benchmarks.methods import eptq_config
     from eptq_fx.config import ActPlacement
 
     budget = Budget()
-    assert _eptq_config("eptq", 4, 8, 64, budget).act_placement is ActPlacement.AUTO
-    assert _eptq_config("eptq+fusable", 4, 8, 64, budget).act_placement is ActPlacement.FUSABLE
-    cfg = _eptq_config("eptq+inputs+hessian", 4, 4, 64, budget)
+    assert eptq_config("eptq", 4, 8, 64, budget).act_placement is ActPlacement.AUTO
+    assert eptq_config("eptq+fusable", 4, 8, 64, budget).act_placement is ActPlacement.FUSABLE
+    cfg = eptq_config("eptq+inputs+hessian", 4, 4, 64, budget)
     assert cfg.act_placement is ActPlacement.INPUTS and cfg.reconstruction.hessian_weighting
