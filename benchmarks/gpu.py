@@ -51,6 +51,13 @@ def accuracy_job(model_name: str, method: str, bits: str, seed: int, n_calib: in
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+def mixed_precision_job(model_name: str, budget: str, method: str, iters: int | None, n_calib: int) -> dict:
+    """One ``benchmarks.mixed_precision`` setting (eptq_fx methods only: MCT is not installed on the GPU machine)."""
+    from benchmarks.mixed_precision import run
+
+    return {"job": "mixed_precision", **run(model_name, budget, method, iters, n_calib, device="cuda")}
+
+
 def end_to_end_job(model_name: str, n_calib: int) -> dict:
     from benchmarks.scale import run_end_to_end
 
@@ -62,18 +69,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON-lines file the rows are appended to")
     parser.add_argument("--accuracy", nargs="*", default=[], metavar="MODEL:METHOD:BITS[:SEED]")
     parser.add_argument("--end-to-end", nargs="*", default=[], metavar="MODEL")
+    parser.add_argument("--mixed-precision", nargs="*", default=[], metavar="MODEL:BUDGET:METHOD[:ITERS]")
     parser.add_argument("--n-calib", type=int, default=1024)
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="full float32 convolutions and matmuls (PyTorch lets cuDNN use TF32 by default)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="jobs run at once, each in its own process (small models leave the GPU mostly idle)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("no CUDA device: this benchmark runs the pipeline on a GPU")
-    jobs = [("end_to_end", m) for m in args.end_to_end] + [("accuracy", spec) for spec in args.accuracy]
+    jobs = ([("end_to_end", m) for m in args.end_to_end] + [("accuracy", spec) for spec in args.accuracy]
+            + [("mixed_precision", spec) for spec in args.mixed_precision])
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.workers > 1:
+        _run_in_processes(jobs, args)
+        return
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     for kind, spec in jobs:
         t = time.perf_counter()
         try:
             if kind == "accuracy":
                 model, method, bits, *seed = spec.split(":")
                 row = accuracy_job(model, method, bits, int(seed[0]) if seed else 0, args.n_calib)
+            elif kind == "mixed_precision":
+                model, budget, method, *iters = spec.split(":")
+                row = mixed_precision_job(model, budget, method, int(iters[0]) if iters else None, args.n_calib)
             else:
                 row = end_to_end_job(spec, args.n_calib)
             row["status"] = "ok"
@@ -81,12 +103,31 @@ def main() -> None:
             row = {"job": kind, "spec": spec, "status": "error", "reason": f"{type(err).__name__}: {err}",
                    "traceback": traceback.format_exc(limit=12)}
         row.update(job_s=round(time.perf_counter() - t, 1), device=torch.cuda.get_device_name(),
-                   torch=torch.__version__)
+                   torch=torch.__version__, tf32=torch.backends.cudnn.allow_tf32)
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
         if row["status"] == "error":
             print(row["traceback"], flush=True)
+
+
+def _run_in_processes(jobs: list[tuple[str, str]], args: argparse.Namespace) -> None:
+    """Each job in a child process of this script, ``args.workers`` at a time, in the order given."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    flag = {"end_to_end": "--end-to-end", "accuracy": "--accuracy", "mixed_precision": "--mixed-precision"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+
+    def one(job: tuple[str, str]) -> int:
+        cmd = [sys.executable, "-m", "benchmarks.gpu", "--out", str(args.out), "--n-calib", str(args.n_calib),
+               flag[job[0]], job[1], *(["--no-tf32"] if args.no_tf32 else [])]
+        return subprocess.run(cmd, env=env, check=False).returncode
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(one, jobs))
 
 
 if __name__ == "__main__":

@@ -56,13 +56,13 @@ def _mct_mp(model: nn.Module, calib: torch.Tensor, budget: int) -> tuple[nn.Modu
 
 
 def run(model_name: str, budget_name: str, method: str, iters: int | None, n_calib: int,
-        candidates: tuple[int, ...] = (2, 4, 8)) -> dict:
+        candidates: tuple[int, ...] = (2, 4, 8), device: str = "cpu") -> dict:
     import eptq_fx
     from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 
     spec = get_spec(model_name)
-    model = spec.build()
-    calib = load_calibration(spec.dataset, spec.prep, n_calib)
+    model = spec.build().to(device)
+    calib = load_calibration(spec.dataset, spec.prep, n_calib).to(device)
     b = int(budget_name.removeprefix("W"))
     budget = uniform_bytes(model, b)
     row = {"model": model_name, "budget": budget_name, "budget_bytes": budget, "method": method,
@@ -87,7 +87,8 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
         qmodel = eptq_fx.convert(prepared)
     row["quantize_s"] = round(time.perf_counter() - t0, 1)
     x, y = load_test(spec.dataset, spec.prep)
-    row["top1"] = evaluate_top1(qmodel, x, y)
+    row["top1"] = evaluate_top1(qmodel, x.to(device), y.to(device))
+    row["device"] = device
     return row
 
 
