@@ -56,7 +56,7 @@ def _mct_mp(model: nn.Module, calib: torch.Tensor, budget: int) -> tuple[nn.Modu
 
 
 def run(model_name: str, budget_name: str, method: str, iters: int | None, n_calib: int,
-        candidates: tuple[int, ...] = (2, 4, 8), device: str = "cpu") -> dict:
+        candidates: tuple[int, ...] = (2, 4, 8), device: str = "cpu", width_cost: str | None = None) -> dict:
     import eptq_fx
     from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 
@@ -67,7 +67,8 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
     budget = uniform_bytes(model, b)
     row = {"model": model_name, "budget": budget_name, "budget_bytes": budget, "method": method,
            "iters": iters, "n_calib": n_calib, "threads": torch.get_num_threads(),
-           **({"candidates": list(candidates)} if method.startswith("mp_") and candidates != (2, 4, 8) else {})}
+           **({"candidates": list(candidates)} if method.startswith("mp_") and candidates != (2, 4, 8) else {}),
+           **({"width_cost": width_cost} if method.startswith("mp_") and width_cost else {})}
     t0 = time.perf_counter()
     if method == "mct_mp":
         qmodel, details = _mct_mp(model, calib, budget)
@@ -76,6 +77,8 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
         algo = "eptq" if method.endswith("eptq") else "rtn"
         rc = ReconstructionConfig(iters=iters) if iters else ReconstructionConfig()
         kw = {"weight_memory": budget, "weight_candidates": candidates} if method.startswith("mp_") else {}
+        if method.startswith("mp_") and width_cost:
+            kw["width_cost"] = width_cost
         config = EPTQConfig(weight_bits=b if method.startswith("uniform") else 8, act_bits=8, method=algo,
                             n_calib=n_calib, hessian=HessianConfig(cache_dir=None), reconstruction=rc, **kw)
         from eptq_fx.graph.passes.qdq_insertion import weight_ops
@@ -97,7 +100,8 @@ def table(path=RESULTS) -> str:
     rows = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        rows[(r["model"], r["budget"], r["method"] + (f" {r['candidates']}" if r.get("candidates") else ""),
+        rows[(r["model"], r["budget"], r["method"] + (f" {r['candidates']}" if r.get("candidates") else "")
+              + (f" {r['width_cost']}" if r.get("width_cost") else ""),
               r.get("iters"))] = r
     out = ["| model | budget (bytes) | method | top-1 | weights used (bytes) | widths used | quantize s |",
            "|---|---|---|---|---|---|---|"]
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=None, help="EPTQ steps per block (default: eptq_fx's)")
     p.add_argument("--n-calib", type=int, default=1024)
     p.add_argument("--candidates", default="2,4,8", help="mixed-precision weight widths (mp_* methods)")
+    p.add_argument("--width-cost", choices=("round_to_nearest", "error_feedback"), default=None,
+                   help="mixed precision's per-width error estimate (default: eptq_fx's)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.table:
@@ -130,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--method is required")
     torch.set_num_threads(args.threads)
     row = run(args.model, args.budget, args.method, args.iters, args.n_calib,
-              tuple(int(b) for b in args.candidates.split(",")))
+              tuple(int(b) for b in args.candidates.split(",")), width_cost=args.width_cost)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")

@@ -17,6 +17,7 @@ from eptq_fx.config import (
     Precision,
     ReconstructionConfig,
     Target,
+    WidthCost,
 )
 from eptq_fx.errors import (
     ArtifactError,
@@ -39,7 +40,7 @@ from eptq_fx.report import report
 __all__ = [
     "quantize", "report", "save", "load", "capture", "prepare", "calibrate", "reconstruct", "convert",
     "export", "export_onnx",
-    "EPTQConfig", "ActPlacement", "HessianConfig", "HessianScope", "Precision", "Target",
+    "EPTQConfig", "ActPlacement", "HessianConfig", "HessianScope", "Precision", "Target", "WidthCost",
     "ReconstructionConfig", "Override", "KEEP", "errors", "EPTQError", "TraceError", "ConfigError",
     "CalibrationDataError", "ModelError", "ArtifactError", "HessianError", "CheckpointError",
 ]

@@ -161,6 +161,19 @@ class HessianScope(str, enum.Enum):
     RESCALED = "rescaled"
 
 
+class WidthCost(str, enum.Enum):
+    """How mixed precision estimates a layer's output error at a candidate width. ``ROUND_TO_NEAREST``: its
+    weights rounded to nearest (HAWQ's estimate). ``ERROR_FEEDBACK``: rounded one input column at a time, each
+    column's rounding error pushed onto the columns not yet rounded through the inverse of the layer's input
+    second moments (the optimal-brain-quantization update GPTQ uses), an estimate of what a reconstruction that
+    chooses the rounding can reach. Why: reconstruction repairs 4-bit weights almost fully and 2-bit weights
+    far less, and the round-to-nearest estimate, blind to that, buys 8 bits for layers EPTQ would have repaired
+    anyway and pays with 2-bit layers (BENCHMARKS.md "Mixed precision")."""
+
+    ROUND_TO_NEAREST = "round_to_nearest"
+    ERROR_FEEDBACK = "error_feedback"
+
+
 class Precision(str, enum.Enum):
     """Floating-point format of reconstruction's activation caches or of its training steps. ``AUTO`` (caches
     only): bfloat16 for a cached tensor over ``AUTO_CACHE_BYTES`` in float32 (ImageNet-size feature maps of
@@ -303,6 +316,7 @@ class EPTQConfig:
     # per-layer weight widths are then chosen among weight_candidates (see eptq_fx.mixed_precision)
     weight_memory: int | float | None = None
     weight_candidates: tuple[int, ...] = (2, 4, 8)
+    width_cost: WidthCost = WidthCost.ROUND_TO_NEAREST
     hessian: HessianConfig = field(default_factory=HessianConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 
@@ -315,6 +329,7 @@ class EPTQConfig:
         _check_choice("act_range", self.act_range, ("minmax", "mse"))
         _check_positive("n_grid", self.n_grid)
         _coerce_enum_(self, "act_placement", ActPlacement, "act_placement")
+        _coerce_enum_(self, "width_cost", WidthCost, "width_cost")
         _check_positive("n_calib", self.n_calib)
         _check_positive("calib_batch_size", self.calib_batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

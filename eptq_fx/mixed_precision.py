@@ -7,6 +7,10 @@ over the D elements of its output, times the squared output error that quantizin
 
     cost_l(b) = tr_l / D_l · E‖y_l(Q_b(W_l)) − y_l(W_l)‖²
 
+Q_b rounds to nearest (``WidthCost.ROUND_TO_NEAREST``) or with error feedback (``WidthCost.ERROR_FEEDBACK``:
+column by column, each column's error compensated on the columns still to round, from the layer's input second
+moments), the closer estimate of what reconstruction reaches at that width.
+
 The choice minimises Σ cost_l(b_l) under Σ size_l(b_l) ≤ budget (a multiple-choice knapsack, as HAWQ-v3 solves
 with its Hessian). It is solved exactly by merging Pareto fronts of (bytes, cost) layer by layer: with a few
 candidates per layer the fronts stay small, and no solver dependency is needed. The widths are then handed to
@@ -20,9 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call
 
-from eptq_fx.config import KEEP, EPTQConfig, Override
+from eptq_fx.config import KEEP, EPTQConfig, Override, WidthCost
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import ConfigError
 from eptq_fx.graph.meta import HESSIAN_MEAN, LAYER_QUANT
@@ -97,9 +103,55 @@ def _user_fixed(name: str, module, config: EPTQConfig) -> bool:
     return any(o.weight_bits is not KEEP and o.matches(name, module) for o in config.overrides)
 
 
+def _input_columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's input as the (samples·positions, weight columns) matrix its weight rows multiply, in the column
+    order of ``weight.reshape(out, -1)``; None for layers error feedback does not handle (grouped convs)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros" \
+            and not isinstance(layer.padding, str):
+        cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return None
+
+
+def _second_moments(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Σ XᵀX over the layer's input columns (float64), accumulated a few samples at a time."""
+    h = None
+    for chunk in x.split(16):
+        cols = _input_columns(layer, chunk)
+        if cols is None:
+            return None
+        cols = cols.double()
+        h = cols.T @ cols if h is None else h + cols.T @ cols
+    return h
+
+
+def error_feedback_round(w_rows: torch.Tensor, scale: torch.Tensor, bits: int, h: torch.Tensor) -> torch.Tensor:
+    """Round ``w_rows`` (out, K) onto the grid ``scale`` (out,) one column at a time, adding each column's rounding
+    error, propagated through the inverse of ``h`` = XᵀX (K, K), to the columns not yet rounded. This minimises
+    ‖(W − Q)X‖² greedily, the update of optimal brain quantization (Frantar et al., GPTQ). Returns Q (float64)."""
+    qmin, qmax = signed_range(bits)
+    h = h.clone()
+    dead = torch.diag(h) == 0  # columns whose input is always zero: any value is exact
+    h[dead, dead] = 1.0
+    h += 0.01 * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)  # damping, as GPTQ
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w = w_rows.double().clone()
+    w[:, dead] = 0.0
+    s = scale.double()
+    q = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        q[:, j] = torch.clamp(torch.round(w[:, j] / s), qmin, qmax) * s
+        err = (w[:, j] - q[:, j]) / u[j, j]
+        w[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]
+    return q
+
+
 @torch.no_grad()
 def _output_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], calib: CalibSet,
-                   candidates: tuple[int, ...], n_grid: int) -> dict[str, dict[int, float]]:
+                   candidates: tuple[int, ...], n_grid: int,
+                   cost: WidthCost = WidthCost.ROUND_TO_NEAREST) -> dict[str, dict[int, float]]:
     """Per layer and width: mean over samples of ‖y(Q_b(W)) − y(W)‖², each layer quantized alone."""
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in ops}
     hooks = [op.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
@@ -118,6 +170,7 @@ def _output_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], cali
         ref = op.op(x)
         axis = op.weight_quant.axis
         rows = weight_as_rows(w.cpu(), axis).numpy().astype(np.float32)
+        h = _second_moments(op.op, x) if cost is WidthCost.ERROR_FEEDBACK and axis == 0 else None
         errors[name] = {}
         for bits in candidates:
             scale = torch.as_tensor(kernels.search_weight_scale(rows, bits, n_grid=n_grid), dtype=w.dtype)
@@ -125,7 +178,11 @@ def _output_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], cali
             shape[axis] = -1
             s = scale.view(shape).to(w.device)
             qmin, qmax = signed_range(bits)
-            wq = torch.clamp(torch.round(w / s), qmin, qmax) * s
+            if h is not None:
+                q_rows = error_feedback_round(w.reshape(w.shape[0], -1), scale.to(w.device), bits, h)
+                wq = q_rows.to(w.dtype).reshape(w.shape)
+            else:
+                wq = torch.clamp(torch.round(w / s), qmin, qmax) * s
             out = functional_call(op.op, {"weight": wq}, (x,))
             errors[name][bits] = float((out - ref).pow(2).flatten(1).sum(1).mean())
     return errors
@@ -144,7 +201,8 @@ def choose_bit_widths(prepared: fx.GraphModule, calib: CalibSet, config: EPTQCon
                                 seed=config.seed, progress=progress)
     mean_h = hs.scores.mean(0)
     prepared.meta[HESSIAN_MEAN] = dict(zip(hs.names, mean_h.tolist()))
-    errors = _output_errors(prepared, {n: ops[n] for n in names}, calib, candidates, config.n_grid)
+    errors = _output_errors(prepared, {n: ops[n] for n in names}, calib, candidates, config.n_grid,
+                            config.width_cost)
     numel = {n: ops[n].weight.numel() for n in names}
     with torch.no_grad(), quant_disabled(prepared):
         shapes = {}  # D_l: elements of one sample's output
