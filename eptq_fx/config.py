@@ -316,7 +316,7 @@ class EPTQConfig:
     # per-layer weight widths are then chosen among weight_candidates (see eptq_fx.mixed_precision)
     weight_memory: int | float | None = None
     weight_candidates: tuple[int, ...] = (2, 4, 8)
-    width_cost: WidthCost = WidthCost.ROUND_TO_NEAREST
+    width_cost: WidthCost = WidthCost.ERROR_FEEDBACK
     hessian: HessianConfig = field(default_factory=HessianConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 

@@ -122,3 +122,12 @@ def test_error_feedback_cost_is_below_round_to_nearest():
         for b in (2, 4):
             assert fb[name][b] <= rtn[name][b] * 1.05
     assert sum(fb[n][2] for n in ops) < 0.9 * sum(rtn[n][2] for n in ops)
+
+
+def test_width_cost_is_validated_and_accepts_its_value():
+    from eptq_fx import WidthCost
+
+    assert EPTQConfig(width_cost="round_to_nearest").width_cost is WidthCost.ROUND_TO_NEAREST
+    assert EPTQConfig().width_cost is WidthCost.ERROR_FEEDBACK
+    with pytest.raises(ConfigError, match="width_cost"):
+        EPTQConfig(width_cost="gptq")
