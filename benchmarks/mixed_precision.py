@@ -6,9 +6,9 @@ widths) against uniform widths of the same size and MCT's mixed precision at the
 The budget ``W<b>`` is the measured weight memory of uniform b-bit weights with the first and last layer at 8 bits
 (eptq_fx's default), in bytes of quantized weights (numel · bits / 8, the count MCT's ``weights_memory`` uses).
 Methods: ``uniform_rtn`` / ``uniform_eptq`` (uniform b-bit weights), ``mp_rtn`` / ``mp_eptq`` (eptq_fx mixed
-precision over 2/4/8 bits), ``mct_mp`` (MCT 2.6 PTQ with ``ResourceUtilization(weights_memory=budget)``; its
-target platform offers 2/4/8-bit kernels). Activations are 8-bit throughout. One JSON line per run is appended
-to benchmarks/results/mixed_precision.jsonl.
+precision over ``--candidates``, default eptq_fx's), ``mct_mp`` (MCT 2.6 PTQ with
+``ResourceUtilization(weights_memory=budget)``; its target platform offers 2/4/8-bit kernels). Activations are
+8-bit throughout. One JSON line per run is appended to benchmarks/results/mixed_precision.jsonl.
 """
 from __future__ import annotations
 
@@ -56,9 +56,12 @@ def _mct_mp(model: nn.Module, calib: torch.Tensor, budget: int) -> tuple[nn.Modu
 
 
 def run(model_name: str, budget_name: str, method: str, iters: int | None, n_calib: int,
-        candidates: tuple[int, ...] = (2, 4, 8), device: str = "cpu", width_cost: str | None = None) -> dict:
+        candidates: tuple[int, ...] | None = None, device: str = "cpu", width_cost: str | None = None) -> dict:
     import eptq_fx
     from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
+
+    candidates = candidates or EPTQConfig().weight_candidates
+    width_cost = width_cost or EPTQConfig().width_cost.value
 
     spec = get_spec(model_name)
     model = spec.build().to(device)
@@ -67,8 +70,7 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
     budget = uniform_bytes(model, b)
     row = {"model": model_name, "budget": budget_name, "budget_bytes": budget, "method": method,
            "iters": iters, "n_calib": n_calib, "threads": torch.get_num_threads(),
-           **({"candidates": list(candidates)} if method.startswith("mp_") and candidates != (2, 4, 8) else {}),
-           **({"width_cost": width_cost} if method.startswith("mp_") and width_cost else {})}
+           **({"candidates": list(candidates), "width_cost": width_cost} if method.startswith("mp_") else {})}
     t0 = time.perf_counter()
     if method == "mct_mp":
         qmodel, details = _mct_mp(model, calib, budget)
@@ -77,7 +79,7 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
         algo = "eptq" if method.endswith("eptq") else "rtn"
         rc = ReconstructionConfig(iters=iters) if iters else ReconstructionConfig()
         kw = {"weight_memory": budget, "weight_candidates": candidates} if method.startswith("mp_") else {}
-        if method.startswith("mp_") and width_cost:
+        if method.startswith("mp_"):
             kw["width_cost"] = width_cost
         config = EPTQConfig(weight_bits=b if method.startswith("uniform") else 8, act_bits=8, method=algo,
                             n_calib=n_calib, hessian=HessianConfig(cache_dir=None), reconstruction=rc, **kw)
@@ -100,8 +102,11 @@ def table(path=RESULTS) -> str:
     rows = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        rows[(r["model"], r["budget"], r["method"] + (f" {r['candidates']}" if r.get("candidates") else "")
-              + (f" {r['width_cost']}" if r.get("width_cost") else ""),
+        # rows written before these fields were recorded ran at that time's defaults: 2/4/8, round-to-nearest cost
+        mp = r["method"].startswith("mp_")
+        label = r["method"] + (f" {r.get('candidates', [2, 4, 8])} {r.get('width_cost', 'round_to_nearest')}"
+                               if mp else "")
+        rows[(r["model"], r["budget"], label,
               r.get("iters"))] = r
     out = ["| model | budget (bytes) | method | top-1 | weights used (bytes) | widths used | quantize s |",
            "|---|---|---|---|---|---|---|"]
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--method", choices=("uniform_rtn", "uniform_eptq", "mp_rtn", "mp_eptq", "mct_mp"))
     p.add_argument("--iters", type=int, default=None, help="EPTQ steps per block (default: eptq_fx's)")
     p.add_argument("--n-calib", type=int, default=1024)
-    p.add_argument("--candidates", default="2,4,8", help="mixed-precision weight widths (mp_* methods)")
+    p.add_argument("--candidates", default=None, help="mixed-precision weight widths (mp_* methods; default: "
+                   "eptq_fx's)")
     p.add_argument("--width-cost", choices=("round_to_nearest", "error_feedback"), default=None,
                    help="mixed precision's per-width error estimate (default: eptq_fx's)")
     p.add_argument("--threads", type=int, default=1)
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--method is required")
     torch.set_num_threads(args.threads)
     row = run(args.model, args.budget, args.method, args.iters, args.n_calib,
-              tuple(int(b) for b in args.candidates.split(",")), width_cost=args.width_cost)
+              tuple(int(b) for b in args.candidates.split(",")) if args.candidates else None,
+              width_cost=args.width_cost)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")

@@ -315,7 +315,7 @@ class EPTQConfig:
     # mixed precision: a weight-memory budget in bytes (int) or as a fraction of the 8-bit size (float in (0, 1]);
     # per-layer weight widths are then chosen among weight_candidates (see eptq_fx.mixed_precision)
     weight_memory: int | float | None = None
-    weight_candidates: tuple[int, ...] = (2, 4, 8)
+    weight_candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     width_cost: WidthCost = WidthCost.ERROR_FEEDBACK
     hessian: HessianConfig = field(default_factory=HessianConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
