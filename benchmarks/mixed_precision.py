@@ -56,7 +56,8 @@ def _mct_mp(model: nn.Module, calib: torch.Tensor, budget: int) -> tuple[nn.Modu
 
 
 def run(model_name: str, budget_name: str, method: str, iters: int | None, n_calib: int,
-        candidates: tuple[int, ...] | None = None, device: str = "cpu", width_cost: str | None = None) -> dict:
+        candidates: tuple[int, ...] | None = None, device: str = "cpu", width_cost: str | None = None,
+        seed: int = 0) -> dict:
     import eptq_fx
     from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 
@@ -69,7 +70,7 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
     b = int(budget_name.removeprefix("W"))
     budget = uniform_bytes(model, b)
     row = {"model": model_name, "budget": budget_name, "budget_bytes": budget, "method": method,
-           "iters": iters, "n_calib": n_calib, "threads": torch.get_num_threads(),
+           "iters": iters, "n_calib": n_calib, "threads": torch.get_num_threads(), **({"seed": seed} if seed else {}),
            **({"candidates": list(candidates), "width_cost": width_cost} if method.startswith("mp_") else {})}
     t0 = time.perf_counter()
     if method == "mct_mp":
@@ -82,7 +83,7 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
         if method.startswith("mp_"):
             kw["width_cost"] = width_cost
         config = EPTQConfig(weight_bits=b if method.startswith("uniform") else 8, act_bits=8, method=algo,
-                            n_calib=n_calib, hessian=HessianConfig(cache_dir=None), reconstruction=rc, **kw)
+                            n_calib=n_calib, seed=seed, hessian=HessianConfig(cache_dir=None), reconstruction=rc, **kw)
         from eptq_fx.graph.passes.qdq_insertion import weight_ops
 
         prepared = eptq_fx.quantize(model, calib, config, progress=False, return_prepared=True)
@@ -106,6 +107,7 @@ def table(path=RESULTS) -> str:
         mp = r["method"].startswith("mp_")
         label = r["method"] + (f" {r.get('candidates', [2, 4, 8])} {r.get('width_cost', 'round_to_nearest')}"
                                if mp else "")
+        label += f" seed {r['seed']}" if r.get("seed") else ""
         rows[(r["model"], r["budget"], label,
               r.get("iters"))] = r
     out = ["| model | budget (bytes) | method | top-1 | weights used (bytes) | widths used | quantize s |",
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                    "eptq_fx's)")
     p.add_argument("--width-cost", choices=("round_to_nearest", "error_feedback"), default=None,
                    help="mixed precision's per-width error estimate (default: eptq_fx's)")
+    p.add_argument("--seed", type=int, default=0, help="eptq_fx's seed (Hessian probes, reconstruction batches)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.table:
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     row = run(args.model, args.budget, args.method, args.iters, args.n_calib,
               tuple(int(b) for b in args.candidates.split(",")) if args.candidates else None,
-              width_cost=args.width_cost)
+              width_cost=args.width_cost, seed=args.seed)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
