@@ -37,7 +37,7 @@ def main() -> None:
     set_act_mode_(prepared, "observe")
     set_weight_mode_(prepared, "off")
     print(f"before: peak RSS {peak_gb():.2f} GB")
-    for i in range(args.passes):
+    for _ in range(args.passes):
         with torch.no_grad():
             prepared(x)
     print(f"after {args.passes} passes: peak RSS {peak_gb():.2f} GB")

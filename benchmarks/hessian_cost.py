@@ -6,7 +6,8 @@ Times ``estimate_hessian`` on one calibrated prepared model three times: scoring
 up to 100 probes (the setting before ``HessianConfig.report_samples``), a seeded subset of 256 samples and the
 defaults (``report_samples`` samples, at most ``report_probes`` probes), and compares the subsets' layer means
 (all the report and the mixed-precision choice use) with the full estimate: largest relative difference,
-Spearman rank correlation, and whether the three most sensitive layers agree. ``--probe-batching``: also times K Hutchinson probes as K backward passes against one
+Spearman rank correlation, and whether the three most sensitive layers agree. ``--probe-batching``: also times
+K Hutchinson probes as K backward passes against one
 batched call (``is_grads_batched=True``) on torchvision's ResNet-18 at 224×224 (random weights).
 """
 from __future__ import annotations

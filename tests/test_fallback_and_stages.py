@@ -15,9 +15,9 @@ from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
 from eptq_fx.graph.passes.block_schedule import plan_blocks, schedule_blocks
 from eptq_fx.graph.passes.qdq_insertion import weight_ops
 from eptq_fx.method import reconstruction as R
+from eptq_fx.method.fallback import restore_rtn_, snapshot_rtn
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian
 from eptq_fx.numerics.calibration import calibrate, quant_disabled
-from eptq_fx.method.fallback import restore_rtn_, snapshot_rtn
 from examples.models import example_input, make_model, randomize_batchnorm_
 
 CFG = EPTQConfig(weight_bits=4, act_bits=4, first_last_8bit=False, n_calib=128, seed=0,
@@ -49,7 +49,8 @@ def test_given_estimate_is_what_reconstruction_uses():
 
 
 def test_uniform_loss_still_scores_the_layers_for_the_report():
-    """hessian_weighting=False (the default's loss where no BatchNorm stays in the graph): the stage still scores the compare points (report, sensitivity),
+    """hessian_weighting=False (the default's loss where no BatchNorm stays in the graph): the stage still scores
+    the compare points (report, sensitivity),
     the loss ignores them (the given estimate and a score-free one give the same result), and
     report_scores=False skips the stage."""
     cfg = dataclasses.replace(CFG, reconstruction=dataclasses.replace(CFG.reconstruction, hessian_weighting=False))

@@ -144,7 +144,8 @@ def test_failing_midway_leaves_the_user_model_alone(failure):
             eptq_fx.calibrate(prepared, failing_source(), forward_fn=lambda m, b: m(b), progress=False)
     else:
         config = dataclasses.replace(TINY, weight_range="mse", reconstruction=dataclasses.replace(
-            TINY.reconstruction, hessian_weighting=True, hessian_scope="all"))  # a Hessian-weighted loss needs the Hessian: it fails
+            TINY.reconstruction, hessian_weighting=True, hessian_scope="all"))
+        # a Hessian-weighted loss needs the Hessian: it fails
         with pytest.raises(HessianError):
             eptq_fx.quantize(model, IMAGES, config, progress=False)
     assert snapshot(model) == before
