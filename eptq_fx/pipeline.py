@@ -2,6 +2,7 @@
 which runs all of it. Shaped like PT2E's prepare/convert; every stage returns a GraphModule."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -161,6 +162,28 @@ def quantize(model, calib_data, config: EPTQConfig = EPTQConfig(), example_input
     ``method="rtn"`` stops after calibration; ``"eptq"`` runs Hessian-weighted reconstruction.
     ``resume_dir`` keeps per-block checkpoints so an interrupted run continues where it stopped.
     """
+    with full_float32():
+        return _quantize(model, calib_data, config, example_inputs, leaf_modules=leaf_modules,
+                         concrete_args=concrete_args, capture_method=capture_method, allow_float=allow_float,
+                         resume_dir=resume_dir, progress=progress, return_prepared=return_prepared)
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Convolutions and matmuls in float32 while quantizing, the user's TF32 settings restored afterwards. Why:
+    PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit mantissa) by default, and the float targets,
+    Hessian scores and training steps then differ from float32: ConvMixer W4A4 reached 84.66 with TF32 against
+    85.98 in float32 on the same GPU (BENCHMARKS.md "A second GPU run")."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _quantize(model, calib_data, config, example_inputs, *, leaf_modules, concrete_args, capture_method,
+              allow_float, resume_dir, progress, return_prepared) -> fx.GraphModule:
     if not isinstance(config, EPTQConfig):
         raise ConfigError(f"config must be an eptq_fx.EPTQConfig, got {type(config).__name__}.")
     t0 = _clock()
@@ -248,6 +271,7 @@ def _record_run(prepared, float_gm, calib, config, stages, sqnr_rtn, mp_choice) 
         "mixed_precision": None if mp_choice is None else mp_choice.as_dict()}
 
 
+@full_float32()
 def reconstruct(prepared: fx.GraphModule, calib_data, config: EPTQConfig | None = None,
                 resume_dir: str | None = None, progress: bool = True) -> fx.GraphModule:
     """The EPTQ stage of the staged API: run after ``calibrate`` and before ``convert`` (in place)."""

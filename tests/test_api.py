@@ -155,3 +155,35 @@ def test_config_is_checked_before_any_work():
         eptq_fx.quantize(make_model("small_cnn"), example_input("small_cnn", 4), {"weight_bits": 4})
     with pytest.raises(eptq_fx.ConfigError):
         EPTQConfig(weight_bits=1)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_quantize_computes_in_float32_and_restores_tf32_settings(monkeypatch, fails):
+    """cuDNN's TF32 default cost 1.3 points on a GPU; quantize turns TF32 off while it runs and gives the user's
+    settings back afterwards, also when it fails."""
+    import eptq_fx.pipeline as pipeline
+
+    seen = []
+    real_calibrate = pipeline.calibrate
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        if fails:
+            raise eptq_fx.CalibrationDataError("stop here")
+        return real_calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "calibrate", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+        x = torch.randn(8, 3, 6, 6)
+        if fails:
+            with pytest.raises(eptq_fx.CalibrationDataError):
+                eptq_fx.quantize(model, x, eptq_fx.EPTQConfig(method="rtn"), progress=False)
+        else:
+            eptq_fx.quantize(model, x, eptq_fx.EPTQConfig(method="rtn"), progress=False)
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32 is True and torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
