@@ -174,12 +174,16 @@ def full_float32():
     PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit mantissa) by default, and the float targets,
     Hessian scores and training steps then differ from float32: ConvMixer W4A4 reached 84.66 with TF32 against
     85.98 in float32 on the same GPU (BENCHMARKS.md "A second GPU run")."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul.allow_tf32
+    # cudnn.flags() rather than assigning cudnn.allow_tf32: after torch.backends.disable_global_flags() (which
+    # torch's own test utilities call) only the context manager may change cuDNN's flags
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, benchmark_limit=cudnn.benchmark_limit,
+                     deterministic=cudnn.deterministic, allow_tf32=False):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 def _quantize(model, calib_data, config, example_inputs, *, leaf_modules, concrete_args, capture_method,

@@ -173,7 +173,7 @@ def test_quantize_computes_in_float32_and_restores_tf32_settings(monkeypatch, fa
         return real_calibrate(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "calibrate", spy)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert torch.backends.cudnn.allow_tf32 is True  # PyTorch's default
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
