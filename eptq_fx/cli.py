@@ -27,6 +27,7 @@ from eptq_fx.cli_inputs import (
     load_model,
     parse_leaf,
     parse_override,
+    parse_weight_candidates,
     parse_weight_memory,
 )
 from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError
@@ -42,6 +43,11 @@ def _config_from_args(args: argparse.Namespace):
     hessian = HessianConfig(cache_dir=str(user_cache_dir() / "hessian") if args.hessian_cache else None)
     rc = ReconstructionConfig() if args.iters is None else ReconstructionConfig(iters=args.iters)
     kw = {} if args.n_calib is None else {"n_calib": args.n_calib}
+    candidates = parse_weight_candidates(args.weight_candidates)
+    if candidates is not None:
+        kw["weight_candidates"] = candidates
+    if args.width_cost is not None:
+        kw["width_cost"] = args.width_cost
     return EPTQConfig(weight_bits=w_bits, act_bits=a_bits, method=args.method, seed=args.seed,
                       first_last_8bit=args.first_last_8bit, overrides=overrides, hessian=hessian,
                       reconstruction=rc, weight_memory=parse_weight_memory(args.weight_memory),
@@ -194,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a module as an opaque call when tracing: a qualified name or pkg.mod.Class")
     q.add_argument("--weight-memory", default=None, help="mixed precision: weight memory budget in bytes "
                                                          "(120000, 120KiB) or a fraction of the 8-bit size (0.5)")
+    q.add_argument("--weight-candidates", default=None, metavar="B,B,...",
+                   help="mixed precision: the weight widths to choose from (default 2,3,4,5,6,8)")
+    q.add_argument("--width-cost", default=None, choices=("error_feedback", "round_to_nearest"),
+                   help="mixed precision: how a layer's error at a width is estimated (default error_feedback)")
     q.add_argument("--hessian-cache", action="store_true", help="cache the label-free Hessian in the user cache "
                                                                 "directory ($XDG_CACHE_HOME/eptq_fx)")
     q.add_argument("--out", default=None, help="output: .pt2 (torch.export) or .onnx (needs the onnx extra)")

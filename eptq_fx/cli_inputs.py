@@ -231,6 +231,18 @@ def parse_leaf(text: str):
     return text
 
 
+def parse_weight_candidates(text: str | None) -> tuple[int, ...] | None:
+    """``"2,3,4,8"`` → (2, 3, 4, 8); the widths themselves are validated by EPTQConfig."""
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--weight-candidates is a comma-separated list of bit widths (2,3,4,8), "
+                          f"got {text!r}.") from None
+    return widths
+
+
 def parse_weight_memory(text: str | None) -> int | float | None:
     if text is None:
         return None

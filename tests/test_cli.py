@@ -359,6 +359,26 @@ def test_parse_override_and_leaf():
     assert parse_weight_memory("120000") == 120000
 
 
+def test_weight_candidates_and_width_cost_options(tmp_path, calib_npz, capsys):
+    from eptq_fx.cli_inputs import parse_weight_candidates
+
+    assert parse_weight_candidates("2,3,4,8") == (2, 3, 4, 8) and parse_weight_candidates(None) is None
+    base = ["quantize", "--model-module", "tests.test_cli:tiny_model", "--calib", str(calib_npz), "--method",
+            "rtn", "--weight-memory", "0.8"]
+    out = tmp_path / "q.pt2"
+    assert main(base + ["--weight-candidates", "2,4,8", "--width-cost", "round_to_nearest", "--out", str(out),
+                        "--report", str(tmp_path / "r.json")]) == 0
+    import json
+
+    chosen = {c["bits"] for c in json.loads((tmp_path / "r.json").read_text())["mixed_precision"]["layers"]}
+    assert chosen <= {2, 4, 8} and chosen & {2, 4}  # the budget forces a narrower width, from the given set
+    capsys.readouterr()
+    bad = tmp_path / "bad.pt2"
+    _one_line_error(capsys, main(base + ["--weight-candidates", "two,four", "--out", str(bad)]),
+                    "--weight-candidates")
+    assert not bad.exists()
+
+
 def test_hessian_cache_is_off_by_default_and_in_the_user_cache_dir(monkeypatch, tmp_path):
     from eptq_fx import HessianConfig
     from eptq_fx.config import user_cache_dir
