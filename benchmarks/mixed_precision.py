@@ -79,9 +79,8 @@ def run(model_name: str, budget_name: str, method: str, iters: int | None, n_cal
     else:
         algo = "eptq" if method.endswith("eptq") else "rtn"
         rc = ReconstructionConfig(iters=iters) if iters else ReconstructionConfig()
-        kw = {"weight_memory": budget, "weight_candidates": candidates} if method.startswith("mp_") else {}
-        if method.startswith("mp_"):
-            kw["width_cost"] = width_cost
+        kw = ({"weight_memory": budget, "weight_candidates": candidates, "width_cost": width_cost}
+              if method.startswith("mp_") else {})
         config = EPTQConfig(weight_bits=b if method.startswith("uniform") else 8, act_bits=8, method=algo,
                             n_calib=n_calib, seed=seed, hessian=HessianConfig(cache_dir=None), reconstruction=rc, **kw)
         from eptq_fx.graph.passes.qdq_insertion import weight_ops

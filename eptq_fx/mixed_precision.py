@@ -115,30 +115,43 @@ def _input_columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _second_moments(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def _second_moments(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Σ XᵀX over the layer's input columns (float64), accumulated a few samples at a time."""
-    h = None
+    h = 0.0
     for chunk in x.split(16):
-        cols = _input_columns(layer, chunk)
-        if cols is None:
-            return None
-        cols = cols.double()
-        h = cols.T @ cols if h is None else h + cols.T @ cols
+        cols = _input_columns(layer, chunk).double()
+        h = h + cols.T @ cols
     return h
 
 
-def error_feedback_round(w_rows: torch.Tensor, scale: torch.Tensor, bits: int, h: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class FeedbackFactor:
+    """What error-feedback rounding needs from a layer's XᵀX, the same for every width: the upper Cholesky factor
+    of its (damped) inverse, and the columns whose input is always zero."""
+
+    u: torch.Tensor
+    dead: torch.Tensor
+
+    @staticmethod
+    def of(h: torch.Tensor) -> FeedbackFactor:
+        h = h.clone()
+        dead = torch.diag(h) == 0  # columns whose input is always zero: any value is exact
+        h[dead, dead] = 1.0
+        h += 0.01 * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)  # damping, as GPTQ
+        return FeedbackFactor(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True),
+                              dead)
+
+
+def error_feedback_round(w_rows: torch.Tensor, scale: torch.Tensor, bits: int,
+                         factor: FeedbackFactor) -> torch.Tensor:
     """Round ``w_rows`` (out, K) onto the grid ``scale`` (out,) one column at a time, adding each column's rounding
-    error, propagated through the inverse of ``h`` = XᵀX (K, K), to the columns not yet rounded. This minimises
-    ‖(W − Q)X‖² greedily, the update of optimal brain quantization (Frantar et al., GPTQ). Returns Q (float64)."""
+    error, propagated through the inverse of the layer's XᵀX (K, K; ``factor``), to the columns not yet rounded.
+    This minimises ‖(W − Q)X‖² greedily, the update of optimal brain quantization (Frantar et al., GPTQ).
+    Returns Q (float64)."""
     qmin, qmax = signed_range(bits)
-    h = h.clone()
-    dead = torch.diag(h) == 0  # columns whose input is always zero: any value is exact
-    h[dead, dead] = 1.0
-    h += 0.01 * torch.diag(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)  # damping, as GPTQ
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    u = factor.u
     w = w_rows.double().clone()
-    w[:, dead] = 0.0
+    w[:, factor.dead] = 0.0
     s = scale.double()
     q = torch.empty_like(w)
     for j in range(w.shape[1]):
@@ -170,18 +183,19 @@ def _output_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], cali
         ref = op.op(x)
         axis = op.weight_quant.axis
         rows = weight_as_rows(w.cpu(), axis).numpy().astype(np.float32)
-        h = _second_moments(op.op, x) if cost is WidthCost.ERROR_FEEDBACK and axis == 0 else None
+        feedback = cost is WidthCost.ERROR_FEEDBACK and axis == 0 and _input_columns(op.op, x[:1]) is not None
+        factor = FeedbackFactor.of(_second_moments(op.op, x)) if feedback else None
         errors[name] = {}
         for bits in candidates:
             scale = torch.as_tensor(kernels.search_weight_scale(rows, bits, n_grid=n_grid), dtype=w.dtype)
-            shape = [1] * w.dim()
-            shape[axis] = -1
-            s = scale.view(shape).to(w.device)
-            qmin, qmax = signed_range(bits)
-            if h is not None:
-                q_rows = error_feedback_round(w.reshape(w.shape[0], -1), scale.to(w.device), bits, h)
+            if factor is not None:  # axis 0: the rows are the weight's leading dimension
+                q_rows = error_feedback_round(weight_as_rows(w, 0), scale.to(w.device), bits, factor)
                 wq = q_rows.to(w.dtype).reshape(w.shape)
             else:
+                shape = [1] * w.dim()
+                shape[axis] = -1
+                s = scale.view(shape).to(w.device)
+                qmin, qmax = signed_range(bits)
                 wq = torch.clamp(torch.round(w / s), qmin, qmax) * s
             out = functional_call(op.op, {"weight": wq}, (x,))
             errors[name][bits] = float((out - ref).pow(2).flatten(1).sum(1).mean())

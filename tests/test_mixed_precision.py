@@ -92,14 +92,15 @@ def _obq_reference(w: np.ndarray, scale: np.ndarray, bits: int, h: np.ndarray) -
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_error_feedback_rounding_matches_the_long_form(bits):
-    from eptq_fx.mixed_precision import error_feedback_round
+    from eptq_fx.mixed_precision import FeedbackFactor, error_feedback_round
 
     rng = np.random.default_rng(bits)
     x = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12))  # correlated inputs
     w = rng.normal(size=(5, 12))
     scale = np.abs(w).max(1) / (2 ** (bits - 1) - 1)
     h = x.T @ x
-    got = error_feedback_round(torch.from_numpy(w), torch.from_numpy(scale), bits, torch.from_numpy(h)).numpy()
+    got = error_feedback_round(torch.from_numpy(w), torch.from_numpy(scale), bits,
+                               FeedbackFactor.of(torch.from_numpy(h))).numpy()
     np.testing.assert_allclose(got, _obq_reference(w, scale, bits, h), atol=1e-9)
     rtn = np.clip(np.round(w / scale[:, None]), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale[:, None]
     assert np.sum(((w - got) @ x.T) ** 2) < np.sum(((w - rtn) @ x.T) ** 2)  # the point of it: a smaller output error
