@@ -43,6 +43,10 @@ VARIANTS = {
     "inputs": {},  # act_placement="inputs": only the inputs of quantized layers
     "bf16cache": {"cache_precision": "bfloat16"},  # activation caches between blocks stored in bfloat16
     "bf16": {"cache_precision": "bfloat16", "compute_precision": "bfloat16"},  # + training steps under autocast
+    "hold0": {"fallback_holdout": 0.0},  # train on every calibration image; fallback tests on training samples
+    "hold16": {"fallback_holdout": 0.0625},  # 1/16 held out for the fallback tests (default 1/8)
+    "nophase": {"act_phase_in": False},  # activations quantized from the first step (no fade-in)
+    "lrscale3": {"lr_scale": 3e-3},  # 3x the learning rate of weight and activation scales
 }
 PLACEMENTS = ("fusable", "inputs")
 ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl",
