@@ -106,6 +106,24 @@ def test_error_feedback_rounding_matches_the_long_form(bits):
     assert np.sum(((w - got) @ x.T) ** 2) < np.sum(((w - rtn) @ x.T) ** 2)  # the point of it: a smaller output error
 
 
+def test_error_feedback_rounding_of_several_widths_in_blocks_matches_the_long_form(monkeypatch):
+    """All widths in one pass, with the columns after each block of 5 updated by one matrix product (12 columns:
+    two full blocks and a partial one): each width equals its own long-form rounding."""
+    import eptq_fx.mixed_precision as mp
+
+    monkeypatch.setattr(mp, "FEEDBACK_BLOCK", 5)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))
+    w = rng.normal(size=(6, 12))
+    h = x.T @ x
+    widths = [2, 3, 4]
+    scales = [np.abs(w).max(1) / (2 ** (b - 1) - 1) for b in widths]
+    got = mp.error_feedback_round_widths(torch.from_numpy(w), [torch.from_numpy(s) for s in scales], widths,
+                                         mp.FeedbackFactor.of(torch.from_numpy(h)))
+    for q, s, b in zip(got, scales, widths):
+        np.testing.assert_allclose(q.numpy(), _obq_reference(w, s, b, h), atol=1e-9)
+
+
 def test_error_feedback_cost_is_below_round_to_nearest():
     """On a real graph the error-feedback estimate of every conv/linear layer's output error is at most the
     round-to-nearest one (it starts from the same grid and only compensates), and clearly below it at 2 bits."""
