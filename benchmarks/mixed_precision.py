@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-calib", type=int, default=1024)
     p.add_argument("--candidates", default=None, help="mixed-precision weight widths (mp_* methods; default: "
                    "eptq_fx's)")
-    p.add_argument("--width-cost", choices=("round_to_nearest", "error_feedback"), default=None,
+    p.add_argument("--width-cost", choices=("round_to_nearest", "error_feedback", "network_output"), default=None,
                    help="mixed precision's per-width error estimate (default: eptq_fx's)")
     p.add_argument("--seed", type=int, default=0, help="eptq_fx's seed (Hessian probes, reconstruction batches)")
     p.add_argument("--threads", type=int, default=1)

@@ -30,6 +30,7 @@ from eptq_fx.cli_inputs import (
     parse_weight_candidates,
     parse_weight_memory,
 )
+from eptq_fx.config import WidthCost
 from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(120000, 120KiB) or a fraction of the 8-bit size (0.5)")
     q.add_argument("--weight-candidates", default=None, metavar="B,B,...",
                    help="mixed precision: the weight widths to choose from (default 2,3,4,5,6,8)")
-    q.add_argument("--width-cost", default=None, choices=("error_feedback", "round_to_nearest"),
+    q.add_argument("--width-cost", default=None, choices=tuple(c.value for c in WidthCost),
                    help="mixed precision: how a layer's error at a width is estimated (default error_feedback)")
     q.add_argument("--hessian-cache", action="store_true", help="cache the label-free Hessian in the user cache "
                                                                 "directory ($XDG_CACHE_HOME/eptq_fx)")

@@ -172,6 +172,9 @@ class WidthCost(str, enum.Enum):
 
     ROUND_TO_NEAREST = "round_to_nearest"
     ERROR_FEEDBACK = "error_feedback"
+    # error-feedback rounding, weighed at the network output: ‖f(Q_b(W_l)) − f‖² with only layer l quantized,
+    # the label-free Hessian's quadratic form on the actual error instead of its trace times ‖Δy‖²/D
+    NETWORK_OUTPUT = "network_output"
 
 
 class Precision(str, enum.Enum):

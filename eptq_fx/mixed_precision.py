@@ -34,6 +34,7 @@ from eptq_fx.errors import ConfigError
 from eptq_fx.graph.meta import HESSIAN_MEAN, LAYER_QUANT
 from eptq_fx.graph.passes.qdq_insertion import weight_ops
 from eptq_fx.method.activation_hessian import label_free_hessian
+from eptq_fx.method.fallback import float_outputs, output_error
 from eptq_fx.numerics import kernels
 from eptq_fx.numerics.calibration import quant_disabled
 from eptq_fx.numerics.quantizers import QuantWeightOp, signed_range, weight_as_rows
@@ -41,6 +42,8 @@ from eptq_fx.numerics.quantizers import QuantWeightOp, signed_range, weight_as_r
 logger = logging.getLogger(__name__)
 
 MP_SAMPLES = 256  # calibration samples used to measure each layer's output error and Hessian score
+# samples of the network-output cost (WidthCost.NETWORK_OUTPUT): one forward pass per layer and width
+NETWORK_COST_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -184,11 +187,8 @@ def error_feedback_round(w_rows: torch.Tensor, scale: torch.Tensor, bits: int,
     return error_feedback_round_widths(w_rows, [scale], [bits], factor)[0]
 
 
-@torch.no_grad()
-def _output_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], calib: CalibSet,
-                   candidates: tuple[int, ...], n_grid: int,
-                   cost: WidthCost = WidthCost.ROUND_TO_NEAREST) -> dict[str, dict[int, float]]:
-    """Per layer and width: mean over samples of ‖y(Q_b(W)) − y(W)‖², each layer quantized alone."""
+def _layer_inputs(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], calib: CalibSet) -> dict[str, torch.Tensor]:
+    """Each layer's float input over the calibration samples."""
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in ops}
     hooks = [op.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].detach()))
              for name, op in ops.items()]
@@ -199,31 +199,74 @@ def _output_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], cali
     finally:
         for h in hooks:
             h.remove()
+    return {name: torch.cat(xs) for name, xs in inputs.items()}
+
+
+def _quantized_weights(op: QuantWeightOp, x: torch.Tensor, candidates: tuple[int, ...], n_grid: int,
+                       cost: WidthCost) -> dict[int, torch.Tensor]:
+    """The layer's weight at each candidate width: MSE grid, then round-to-nearest or error feedback (``cost``;
+    error feedback where the layer allows it: per-output-channel scales of a linear or ungrouped conv)."""
+    w = op.weight.detach()
+    axis = op.weight_quant.axis
+    rows = weight_as_rows(w.cpu(), axis).numpy().astype(np.float32)
+    scales = {b: torch.as_tensor(kernels.search_weight_scale(rows, b, n_grid=n_grid), dtype=w.dtype)
+              for b in candidates}
+    feedback = cost is not WidthCost.ROUND_TO_NEAREST and axis == 0 and _input_columns(op.op, x[:1]) is not None
+    if feedback:  # axis 0: the rows are the weight's leading dimension
+        factor = FeedbackFactor.of(_second_moments(op.op, x))
+        q_rows = error_feedback_round_widths(weight_as_rows(w, 0), [scales[b].to(w.device) for b in candidates],
+                                             list(candidates), factor)
+        return {b: q.to(w.dtype).reshape(w.shape) for b, q in zip(candidates, q_rows)}
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    quantized = {}
+    for b in candidates:
+        qmin, qmax = signed_range(b)
+        s = scales[b].view(shape).to(w.device)
+        quantized[b] = torch.clamp(torch.round(w / s), qmin, qmax) * s
+    return quantized
+
+
+@torch.no_grad()
+def _output_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], calib: CalibSet,
+                   candidates: tuple[int, ...], n_grid: int,
+                   cost: WidthCost = WidthCost.ROUND_TO_NEAREST) -> dict[str, dict[int, float]]:
+    """Per layer and width: mean over samples of ‖y(Q_b(W)) − y(W)‖², each layer quantized alone."""
+    inputs = _layer_inputs(prepared, ops, calib)
     errors = {}
     for name, op in ops.items():
-        x = torch.cat(inputs.pop(name))
-        w = op.weight.detach()
+        x = inputs.pop(name)
         ref = op.op(x)
-        axis = op.weight_quant.axis
-        rows = weight_as_rows(w.cpu(), axis).numpy().astype(np.float32)
-        feedback = cost is WidthCost.ERROR_FEEDBACK and axis == 0 and _input_columns(op.op, x[:1]) is not None
-        factor = FeedbackFactor.of(_second_moments(op.op, x)) if feedback else None
-        scales = {b: torch.as_tensor(kernels.search_weight_scale(rows, b, n_grid=n_grid), dtype=w.dtype)
-                  for b in candidates}
-        if factor is not None:  # axis 0: the rows are the weight's leading dimension
-            q_rows = error_feedback_round_widths(weight_as_rows(w, 0), [scales[b].to(w.device) for b in candidates],
-                                                 list(candidates), factor)
-            quantized = {b: q.to(w.dtype).reshape(w.shape) for b, q in zip(candidates, q_rows)}
-        else:
-            shape = [1] * w.dim()
-            shape[axis] = -1
-            quantized = {}
-            for b in candidates:
-                qmin, qmax = signed_range(b)
-                s = scales[b].view(shape).to(w.device)
-                quantized[b] = torch.clamp(torch.round(w / s), qmin, qmax) * s
+        quantized = _quantized_weights(op, x, candidates, n_grid, cost)
         errors[name] = {b: float((functional_call(op.op, {"weight": quantized[b]}, (x,)) - ref).pow(2)
                                  .flatten(1).sum(1).mean()) for b in candidates}
+    return errors
+
+
+@torch.no_grad()
+def _network_errors(prepared: fx.GraphModule, ops: dict[str, QuantWeightOp], calib: CalibSet,
+                    candidates: tuple[int, ...], n_grid: int) -> dict[str, dict[int, float]]:
+    """Per layer and width: mean over samples of ‖f(x; Q_b(W_l)) − f(x)‖² at the network output, layer l alone
+    at b bits (error-feedback rounding), everything else float. To first order this is ‖J_l Δy_l‖², the
+    label-free Hessian's quadratic form on the layer's actual output error; tr(JᵀJ)/D · ‖Δy‖² equals it only
+    when the error is spread evenly over the output's directions, which a weight error is not (the same weight
+    error repeats at every position, so pooling does not average it away)."""
+    idx = torch.arange(calib.n)
+    ref = float_outputs(prepared, calib, idx)
+    inputs = _layer_inputs(prepared, ops, calib)
+    errors = {}
+    for name, op in ops.items():
+        quantized = _quantized_weights(op, inputs.pop(name), candidates, n_grid, WidthCost.ERROR_FEEDBACK)
+        weight = op.op.weight
+        original = weight.detach().clone()
+        errors[name] = {}
+        try:
+            with quant_disabled(prepared):
+                for b in candidates:
+                    weight.copy_(quantized[b])
+                    errors[name][b] = output_error(prepared, calib, idx, ref)
+        finally:
+            weight.copy_(original)
     return errors
 
 
@@ -240,8 +283,12 @@ def choose_bit_widths(prepared: fx.GraphModule, calib: CalibSet, config: EPTQCon
                                 seed=config.seed, progress=progress)
     mean_h = hs.scores.mean(0)
     prepared.meta[HESSIAN_MEAN] = dict(zip(hs.names, mean_h.tolist()))
-    errors = _output_errors(prepared, {n: ops[n] for n in names}, calib, candidates, config.n_grid,
-                            config.width_cost)
+    if config.width_cost is WidthCost.NETWORK_OUTPUT:
+        errors = _network_errors(prepared, {n: ops[n] for n in names}, calib.subset(NETWORK_COST_SAMPLES, config.seed),
+                                 candidates, config.n_grid)
+    else:
+        errors = _output_errors(prepared, {n: ops[n] for n in names}, calib, candidates, config.n_grid,
+                                config.width_cost)
     numel = {n: ops[n].weight.numel() for n in names}
     with torch.no_grad(), quant_disabled(prepared):
         shapes = {}  # D_l: elements of one sample's output
@@ -265,7 +312,11 @@ def choose_bit_widths(prepared: fx.GraphModule, calib: CalibSet, config: EPTQCon
         else:
             free.append(n)
     fixed_bytes = sum(weight_bytes(numel[n], b) for n, b in fixed.items())
-    costs = {n: {b: float(mean_h[names.index(n)]) / shapes[n] * errors[n][b] for b in candidates} for n in names}
+    if config.width_cost is WidthCost.NETWORK_OUTPUT:  # already the output loss: no Hessian factor
+        costs = {n: dict(errors[n]) for n in names}
+    else:
+        costs = {n: {b: float(mean_h[names.index(n)]) / shapes[n] * errors[n][b] for b in candidates}
+                 for n in names}
     sizes = [{b: weight_bytes(numel[n], b) for b in candidates} for n in free]
     chosen = solve_knapsack(sizes, [costs[n] for n in free], budget - fixed_bytes) if free else []
     bits = {**fixed, **dict(zip(free, chosen))}
