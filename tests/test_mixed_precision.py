@@ -41,10 +41,12 @@ def test_weight_memory_is_validated(bad):
         EPTQConfig(weight_memory=bad)
 
 
-def test_budget_is_met_and_the_report_shows_the_choice():
+@pytest.mark.parametrize("width_cost", ["error_feedback", "network_output"])
+def test_budget_is_met_and_the_report_shows_the_choice(width_cost):
     model = make_model("tiny_resnet")
     x = example_input("tiny_resnet", batch_size=64)
-    config = EPTQConfig(method="rtn", weight_memory=0.45, hessian=eptq_fx.HessianConfig(max_probes=20))
+    config = EPTQConfig(method="rtn", weight_memory=0.45, hessian=eptq_fx.HessianConfig(max_probes=20),
+                        width_cost=width_cost)
     q = eptq_fx.quantize(model, x, config, progress=False)
     rep = eptq_fx.report(q)
     mp = rep["mixed_precision"]
@@ -152,3 +154,50 @@ def test_width_cost_is_validated_and_accepts_its_value():
     assert EPTQConfig().width_cost is WidthCost.ERROR_FEEDBACK
     with pytest.raises(ConfigError, match="width_cost"):
         EPTQConfig(width_cost="gptq")
+
+
+def test_network_output_cost_is_the_output_change_of_the_float_model_with_one_layer_rounded():
+    """WidthCost.NETWORK_OUTPUT: each layer's cost at a width is ‖f(x; W_l → Q_b) − f(x)‖², checked against the
+    user's float nn.Module with that one weight replaced by its error-feedback rounding (error_feedback_round is
+    checked against the long form above); the prepared graph's weights are left as they were."""
+    import copy
+
+    from eptq_fx.config import WidthCost
+    from eptq_fx.data import CalibSet
+    from eptq_fx.graph.passes.qdq_insertion import weight_ops
+    from eptq_fx.mixed_precision import FeedbackFactor, _input_columns, _network_errors, error_feedback_round
+    from eptq_fx.numerics import kernels
+    from eptq_fx.numerics.calibration import quant_disabled
+    from eptq_fx.numerics.quantizers import weight_as_rows
+
+    torch.manual_seed(0)
+    # no BatchNorm: the prepared weights are the model's own, so they can be swapped into the nn.Module
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)).eval()
+    x = torch.randn(48, 3, 8, 8)
+    prepared = eptq_fx.prepare(model, EPTQConfig())
+    ops = weight_ops(prepared)
+    before = {n: op.weight.detach().clone() for n, op in ops.items()}
+    got = _network_errors(prepared, ops, CalibSet((x,)), (2, 4), 50)
+    assert all(torch.equal(op.weight, before[n]) for n, op in ops.items())
+    with torch.no_grad():
+        f = model(x)
+        for name, op in ops.items():
+            inputs = []
+            h = op.register_forward_pre_hook(lambda m, a, seen=inputs: seen.append(a[0].detach()))
+            with quant_disabled(prepared):
+                prepared(x)
+            h.remove()
+            xin = inputs[0]
+            w = op.weight.detach()
+            for b in (2, 4):
+                scale = torch.as_tensor(kernels.search_weight_scale(weight_as_rows(w, 0).numpy(), b, n_grid=50))
+                cols = _input_columns(op.op, xin).double()
+                wq = error_feedback_round(weight_as_rows(w, 0), scale, b,
+                                          FeedbackFactor.of(cols.T @ cols)).float().reshape(w.shape)
+                m = copy.deepcopy(model)
+                m.get_submodule(name).weight.copy_(wq)
+                want = float((m(x) - f).pow(2).flatten(1).sum(1).mean())
+                assert got[name][b] == pytest.approx(want, rel=1e-4, abs=1e-9)
+            assert got[name][2] > got[name][4]
+    assert WidthCost("network_output") is WidthCost.NETWORK_OUTPUT
