@@ -201,9 +201,9 @@ class ReconstructionConfig:
     granularity: Granularity = "block"
     target: Target = Target.LAYERS
     iters: int = 500  # optimisation steps per block (network mode: in total); ~2 min for ResNet-20 on 2 cores
-    # a block whose narrowest weights have b < 4 bits runs 2^(4−b)·iters steps (method/reconstruction.py
-    # block_steps): 4× at 2 bits, 2× at 3. ResNet-20 W2A4 +0.72 / +1.52 (seeds 0 / 1), ConvMixer W2A4 +0.03
-    # (BENCHMARKS.md, "Steps per block by bit width"); 4- and 8-bit runs are unchanged
+    # a block whose narrowest weights have b < 4 bits runs 2^(2(4−b)−1)·iters steps (method/reconstruction.py
+    # block_steps): 8× at 2 bits, 2× at 3. ResNet-20 W2A4: 4× gave +0.72 / +1.52 over 1× (seeds 0 / 1), 8× another
+    # +1.17 (seed 0) (BENCHMARKS.md, "Steps per block by bit width" and stop 25); 4- and 8-bit runs are unchanged
     low_bit_steps: bool = True
     batch_size: int = 32
     lr_round: float = 1e-2

@@ -184,11 +184,12 @@ def test_qdrop_masks_of_a_shard_are_the_rows_of_the_whole_minibatch_mask():
 
 
 def test_low_bit_blocks_get_more_steps():
-    """block_steps: 2^(4-b)·iters for a block whose narrowest weights have b < 4 bits, iters otherwise."""
+    """block_steps: 2^(2(4-b)-1)·iters (8x at 2 bits, 2x at 3) for a block whose narrowest weights have b < 4 bits,
+    iters otherwise."""
     two, four, three = (QuantWeightOp(torch.nn.Conv2d(3, 4, 3), 2), QuantWeightOp(torch.nn.Conv2d(4, 4, 3), 4),
                         QuantWeightOp(torch.nn.Linear(4, 4), 3))
     rc = ReconstructionConfig(iters=100, low_bit_steps=True)
-    assert block_steps(BlockParts({"a": two, "b": four}, {}, [0, 1], [0, 1]), rc) == 400
+    assert block_steps(BlockParts({"a": two, "b": four}, {}, [0, 1], [0, 1]), rc) == 800
     assert block_steps(BlockParts({"c": three}, {}, [0], [0]), rc) == 200
     assert block_steps(BlockParts({"b": four}, {}, [0], [0]), rc) == 100
     assert block_steps(BlockParts({}, {}, [0], []), rc) == 100  # activation quantizers only
@@ -198,13 +199,13 @@ def test_low_bit_blocks_get_more_steps():
 
 
 def test_low_bit_steps_equal_a_run_with_that_many_steps():
-    """With every layer at 2 bits, low_bit_steps and iters=10 is the same run as iters=40: the β schedule, the
+    """With every layer at 2 bits, low_bit_steps and iters=10 is the same run as iters=80: the β schedule, the
     activation phase-in and the minibatches all follow the block's own step count."""
     model = make_model("small_cnn", seed=3)
     x = example_input("small_cnn", batch_size=64, seed=5)
     base = dataclasses.replace(_tiny_config(iters=10, low_bit_steps=False), weight_bits=2, first_last_8bit=False)
     scaled = dataclasses.replace(base, reconstruction=dataclasses.replace(base.reconstruction, low_bit_steps=True))
-    plain = dataclasses.replace(base, reconstruction=dataclasses.replace(base.reconstruction, iters=40))
+    plain = dataclasses.replace(base, reconstruction=dataclasses.replace(base.reconstruction, iters=80))
     a = eptq_fx.quantize(model, x, scaled, progress=False).state_dict()
     b = eptq_fx.quantize(model, x, plain, progress=False).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -66,15 +66,16 @@ def _block_parts(gm: fx.GraphModule, block: Block, cp_names: list[str]) -> Block
 
 
 def block_steps(parts: BlockParts, rc: ReconstructionConfig) -> int:
-    """Optimisation steps for one block: ``rc.iters``, and under ``rc.low_bit_steps`` 2^(4−b)·iters when the
-    narrowest weights in the block have b < 4 bits (2000 at 2 bits, 1000 at 3 with the default 500). Why: at
-    2 bits each rounding decision moves a weight by a quarter of its range, the soft-rounding variables need
-    many more steps to settle, and ResNet-20 W2A4 was still gaining at 4× the steps (BENCHMARKS.md); blocks at
-    4 bits and more keep the budget that the 4- and 8-bit figures were measured with."""
+    """Optimisation steps for one block: ``rc.iters``, and under ``rc.low_bit_steps`` 2^(2(4−b)−1)·iters when
+    the narrowest weights in the block have b < 4 bits: 2× at 3 bits, 8× at 2 (1000 and 4000 with the default
+    500). Why: at 2 bits each rounding decision moves a weight by a quarter of its range and the soft-rounding
+    variables need many more steps to settle. ResNet-20 W2A4 gained +0.7 to +1.5 from 500 to 2000 steps and
+    another +1.17 from 2000 to 4000 (BENCHMARKS.md, "Steps per block by bit width" and stop 25); blocks at 4 bits
+    and more keep the budget that the 4- and 8-bit figures, and issue 11's wall-time cap, were measured with."""
     bits = [op.weight_quant.bits for op in parts.weight_ops.values()]
     if not rc.low_bit_steps or not bits or min(bits) >= 4:
         return rc.iters
-    return rc.iters * 2 ** (4 - min(bits))
+    return rc.iters * 2 ** (2 * (4 - min(bits)) - 1)
 
 
 def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionConfig,
