@@ -8,6 +8,11 @@ Side by side in one process, on the same layers and inputs:
 - ``all widths, block updates``: every width in one pass, columns updated per block of FEEDBACK_BLOCK.
 
     python -m benchmarks.mp_cost --model resnet18 --samples 64 --threads 1
+
+``--stage MODEL --budget W3``: the whole ``choose_bit_widths`` on a benchmark zoo model (its 1024 calibration
+images), once per width cost, one after the other in one process:
+
+    python -m benchmarks.mp_cost --stage resnet56 --budget W3 --threads 1
 """
 from __future__ import annotations
 
@@ -88,13 +93,45 @@ def run(model_name: str, samples: int, threads: int) -> dict:
             "used_bytes": choice.used_bytes}
 
 
+def stage_times(model_name: str, budget_name: str, threads: int) -> dict:
+    from collections import Counter
+
+    import eptq_fx
+    from benchmarks.common import load_calibration
+    from benchmarks.mixed_precision import uniform_bytes
+    from benchmarks.zoo import get_spec
+    from eptq_fx import EPTQConfig, HessianConfig
+    from eptq_fx.config import WidthCost
+    from eptq_fx.data import CalibSet
+    from eptq_fx.mixed_precision import choose_bit_widths
+
+    torch.set_num_threads(threads)
+    spec = get_spec(model_name)
+    model = spec.build()
+    calib = CalibSet((load_calibration(spec.dataset, spec.prep, 1024),))
+    budget = uniform_bytes(model, int(budget_name.removeprefix("W")))
+    row = {"model": model_name, "budget": budget_name, "threads": torch.get_num_threads()}
+    for cost in WidthCost:
+        config = EPTQConfig(weight_bits=8, act_bits=8, weight_memory=budget, width_cost=cost,
+                            hessian=HessianConfig(cache_dir=None))
+        prepared = eptq_fx.prepare(model, config)
+        t0 = time.perf_counter()
+        choice = choose_bit_widths(prepared, calib, config)
+        row[f"{cost.value}_s"] = round(time.perf_counter() - t0, 1)
+        row[f"{cost.value}_widths"] = dict(sorted(Counter(c.bits for c in choice.layers).items()))
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--samples", type=int, default=64, help="calibration images (choose_bit_widths uses ≤ 256)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stage", metavar="MODEL", help="time choose_bit_widths per width cost on a zoo model")
+    p.add_argument("--budget", default="W3", help="with --stage: uniform W4 or W3 size")
     args = p.parse_args(argv)
-    row = run(args.model, args.samples, args.threads)
+    row = stage_times(args.stage, args.budget, args.threads) if args.stage else run(args.model, args.samples,
+                                                                                     args.threads)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
