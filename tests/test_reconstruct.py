@@ -11,7 +11,7 @@ import eptq_fx
 from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 from eptq_fx.graph.meta import ActQuant
 from eptq_fx.method.reconstruction import BlockParts, _Trainer, block_steps
-from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp, WeightQuantizer, rectified_sigmoid
+from eptq_fx.numerics.quantizers import QuantWeightOp, WeightQuantizer, rectified_sigmoid
 from examples.models import example_input, make_model
 
 
@@ -169,6 +169,7 @@ def test_staged_eptq_equals_one_shot():
 def test_qdrop_masks_of_a_shard_are_the_rows_of_the_whole_minibatch_mask():
     """A rank that holds rows 1 and 3 of a 4-sample minibatch keeps exactly the elements float that one process
     keeps float in those rows (same seed): the sharded run trains on the same masks."""
+    from eptq_fx.numerics.quantizers import ActQuantizer
 
     aq = ActQuantizer(ActQuant(bits=4, scheme="asymmetric"))
     aq.drop_prob = 0.5
@@ -184,7 +185,7 @@ def test_qdrop_masks_of_a_shard_are_the_rows_of_the_whole_minibatch_mask():
 
 def test_low_bit_blocks_get_more_steps():
     """block_steps: 2^(2(4-b)-1)·iters (8x at 2 bits, 2x at 3) for a block whose narrowest weights have b < 4 bits,
-    at least 2x with an activation quantizer of 4 bits or fewer, iters otherwise."""
+    iters otherwise."""
     two, four, three = (QuantWeightOp(torch.nn.Conv2d(3, 4, 3), 2), QuantWeightOp(torch.nn.Conv2d(4, 4, 3), 4),
                         QuantWeightOp(torch.nn.Linear(4, 4), 3))
     rc = ReconstructionConfig(iters=100, low_bit_steps=True)
@@ -192,11 +193,6 @@ def test_low_bit_blocks_get_more_steps():
     assert block_steps(BlockParts({"c": three}, {}, [0], [0]), rc) == 200
     assert block_steps(BlockParts({"b": four}, {}, [0], [0]), rc) == 100
     assert block_steps(BlockParts({}, {}, [0], []), rc) == 100  # activation quantizers only
-    a4 = ActQuantizer(ActQuant(bits=4, scheme="asymmetric"))
-    a8 = ActQuantizer(ActQuant(bits=8, scheme="asymmetric"))
-    assert block_steps(BlockParts({"b": four}, {"x": a4}, [0], [0]), rc) == 200  # 4-bit activations: 2x
-    assert block_steps(BlockParts({"b": four}, {"x": a8}, [0], [0]), rc) == 100
-    assert block_steps(BlockParts({"a": two}, {"x": a4}, [0], [0]), rc) == 800  # the larger factor, not the product
     assert block_steps(BlockParts({"a": two}, {}, [0], [0]), ReconstructionConfig(iters=100, low_bit_steps=False)) \
         == 100
     assert ReconstructionConfig().low_bit_steps

@@ -66,21 +66,16 @@ def _block_parts(gm: fx.GraphModule, block: Block, cp_names: list[str]) -> Block
 
 
 def block_steps(parts: BlockParts, rc: ReconstructionConfig) -> int:
-    """Optimisation steps for one block with weights: ``rc.iters``, and under ``rc.low_bit_steps`` the larger of
-    2^(2(4−b)−1) when its narrowest weights have b < 4 bits (2× at 3 bits, 8× at 2) and 2 when an activation
-    quantizer of the block has 4 bits or fewer. With the default 500: W4A8 500, W4A4 and W3A3 1000, W2A4 4000.
-    Why: at 2 bits each rounding decision moves a weight by a quarter of its range and the soft-rounding
-    variables need many more steps to settle (ResNet-20 W2A4: +0.7 to +1.5 from 500 to 2000 steps, +0.5 to +1.5
-    more at 4000); 4-bit activations add a learned step size and QDrop noise to fit (ResNet-20 W4A4 over three
-    seeds: 80.64 at 1000 steps against 80.50 at 500; BENCHMARKS.md, "Steps per block by bit width" and stop 25).
-    8-bit blocks keep ``rc.iters``."""
+    """Optimisation steps for one block: ``rc.iters``, and under ``rc.low_bit_steps`` 2^(2(4−b)−1)·iters when
+    the narrowest weights in the block have b < 4 bits: 2× at 3 bits, 8× at 2 (1000 and 4000 with the default
+    500). Why: at 2 bits each rounding decision moves a weight by a quarter of its range and the soft-rounding
+    variables need many more steps to settle. ResNet-20 W2A4 gained +0.7 to +1.5 from 500 to 2000 steps and
+    another +1.17 from 2000 to 4000 (BENCHMARKS.md, "Steps per block by bit width" and stop 25); blocks at 4 bits
+    and more keep the budget that the 4- and 8-bit figures, and issue 11's wall-time cap, were measured with."""
     bits = [op.weight_quant.bits for op in parts.weight_ops.values()]
-    if not rc.low_bit_steps or not bits:
+    if not rc.low_bit_steps or not bits or min(bits) >= 4:
         return rc.iters
-    factor = 2 ** (2 * (4 - min(bits)) - 1) if min(bits) < 4 else 1
-    if any(aq.bits <= 4 for aq in parts.act_quants.values()):
-        factor = max(factor, 2)
-    return rc.iters * factor
+    return rc.iters * 2 ** (2 * (4 - min(bits)) - 1)
 
 
 def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionConfig,
