@@ -29,6 +29,11 @@ FOLDED_BN = "eptq_fx.folded_bn"
 SOURCE_IR = "eptq_fx.source_ir"
 # On the GraphModule: the only batch size an exported graph runs at (absent: any batch size).
 STATIC_BATCH = "eptq_fx.static_batch"
+# On a node whose value is a tensor: the dim that holds the calibration samples, or None when they share a dim
+# with something else (nn.MultiheadAttention's (L·N, E) rows) or the value has none (graph/passes/batch_layout.py).
+BATCH_DIM = "eptq_fx.batch_dim"
+# On the GraphModule: True once BATCH_DIM has been written from a run on calibration data.
+BATCH_LAYOUT = "eptq_fx.batch_layout"
 
 
 @dataclass(frozen=True)

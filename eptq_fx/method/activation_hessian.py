@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from eptq_fx.config import HessianConfig
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import HessianError
+from eptq_fx.graph.meta import BATCH_DIM
 
 logger = logging.getLogger(__name__)
 
@@ -220,19 +221,21 @@ def _relative_change(new_mean: torch.Tensor, old_mean: torch.Tensor) -> float:
 
 
 def _batch_scores(probe_gm: torch.fx.GraphModule, params: dict, inputs: tuple, names: Sequence[str],
-                  config: HessianConfig, gen: torch.Generator, per_channel: bool):
-    """Per-sample (and per-channel) scores of one batch, and how many probes it took."""
+                  dims: Sequence[int | None], config: HessianConfig, gen: torch.Generator, per_channel: bool):
+    """Per-sample (and per-channel) scores of one batch, and how many probes it took. ``dims``: the sample dim
+    of each compare point (None: merged with another dim, so each sample gets the batch's mean score)."""
     out, acts = functional_call(probe_gm, params, inputs)
     leaves = _differentiable_leaves(out)
     if not leaves:
         raise _no_output_dependence("compare points")
     n = inputs[0].shape[0]
-    for name, a in zip(names, acts):
-        if a.dim() == 0 or a.shape[0] != n:
-            raise HessianError(f"Compare point {name!r} has shape {tuple(a.shape)}, whose dim 0 is not the "
-                               f"batch of {n}; per-sample scores need batch-first activations.")
+    for name, a, d in zip(names, acts, dims):
+        if d is not None and (a.dim() <= d or a.shape[d] != n):
+            raise HessianError(f"Compare point {name!r} has shape {tuple(a.shape)}, whose dim {d} is not the "
+                               f"batch of {n}; per-sample scores need the samples on a dim of their own.")
     sums = [torch.zeros(n, device=a.device) for a in acts]
-    channel_sums = [torch.zeros(n, a.shape[1] if a.dim() > 1 else 1, device=a.device) for a in acts]
+    channel_sums = [torch.zeros(n, a.shape[1] if a.dim() > 1 and d == 0 else 1, device=a.device)
+                    for a, d in zip(acts, dims)]
 
     metric = _softmax_metric_root(leaves) if config.output_metric == "softmax" else None
 
@@ -243,7 +246,12 @@ def _batch_scores(probe_gm: torch.fx.GraphModule, params: dict, inputs: tuple, n
         for i, g in enumerate(grads):
             if g is None:  # this compare point does not reach the output: its score stays 0
                 continue
-            sq = g.detach().float().pow(2).reshape(n, g.shape[1] if g.dim() > 1 else 1, -1).sum(2)
+            g = g.detach().float()
+            if dims[i] is None:  # samples merged into another dim: every sample gets the batch mean
+                sq = g.pow(2).sum().div(n).expand(n, 1)
+            else:  # per channel only where dim 1 of a batch-first value is one
+                g = g.movedim(dims[i], 0)
+                sq = g.pow(2).reshape(n, g.shape[1] if g.dim() > 1 and dims[i] == 0 else 1, -1).sum(2)
             channel_sums[i] += sq
             sums[i] += sq.sum(1)
 
@@ -321,6 +329,8 @@ def label_free_hessian(gm: torch.fx.GraphModule, compare_points: Sequence[str], 
     if not names:
         raise HessianError("No compare points given; pass the node names of the quantized layers' outputs.")
     probe_gm = _probe_module(gm, names)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    dims = [by_name[name].meta.get(BATCH_DIM, 0) for name in names]  # graph/passes/batch_layout.py
     key = None
     if config.cache_dir is not None:
         key = _cache_key("activation", gm, names, calib, config, seed, per_channel)
@@ -334,7 +344,7 @@ def label_free_hessian(gm: torch.fx.GraphModule, compare_points: Sequence[str], 
     channels: list[list[torch.Tensor]] = []
     probe_counts = []
     for idx, inputs in _probe_batches(gm, calib, config.batch_size, "label-free Hessian", progress):
-        batch, batch_channels, k = _batch_scores(probe_gm, params, inputs, names, config, gen,
+        batch, batch_channels, k = _batch_scores(probe_gm, params, inputs, names, dims, config, gen,
                                                  per_channel)
         scores[idx] = batch.cpu()
         if batch_channels is not None:

@@ -8,8 +8,20 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from eptq_fx.config import AUTO_CACHE_BYTES, Precision
+from eptq_fx.data import CalibSet
+from eptq_fx.graph.meta import BATCH_LAYOUT
+from eptq_fx.graph.passes.batch_layout import annotate_batch_dims_
 from eptq_fx.graph.passes.block_schedule import Block
+from eptq_fx.numerics.calibration import quant_disabled
 from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
+
+
+def ensure_batch_layout_(gm: fx.GraphModule, calib: CalibSet) -> None:
+    """Find where each value holds its samples (``node.meta[BATCH_DIM]``), once per graph, from a float run
+    on the first calibration samples; the block schedule and the per-sample caches and scores follow it."""
+    if not gm.meta.get(BATCH_LAYOUT):
+        with quant_disabled(gm):
+            annotate_batch_dims_(gm, calib.tensors)
 
 
 def module_device(module: torch.nn.Module) -> torch.device | None:

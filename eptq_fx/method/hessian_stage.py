@@ -21,6 +21,7 @@ from eptq_fx.graph.ops import rescaled_downstream
 from eptq_fx.graph.passes.block_schedule import plan_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points, weight_ops
 from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
+from eptq_fx.method.block_runner import ensure_batch_layout_
 from eptq_fx.method.weight_hessian import weight_hessian
 from eptq_fx.numerics.calibration import quant_disabled
 from eptq_fx.numerics.quantizers import ActQuantizer
@@ -69,6 +70,7 @@ def estimate_hessian(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConf
     """Compute the Hessians ``config`` asks for on the float model (quantizers disabled; ``prepared`` is not
     modified)."""
     rc = config.reconstruction
+    ensure_batch_layout_(prepared, calib)  # where each compare point holds its samples
     if rc.hessian_weighting and not weighs_by_hessian(prepared, rc):  # no block in scope: a uniform loss
         rc = dataclasses.replace(rc, hessian_weighting=False)
     act = None

@@ -22,8 +22,10 @@ from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig, HessianScope, Precision, ReconstructionConfig, Target
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
+from eptq_fx.graph.passes.batch_layout import splits_by_sample
 from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points
+from eptq_fx.method import block_runner
 from eptq_fx.method.activation_hessian import HessianScores
 from eptq_fx.method.block_runner import fetch, module_device, module_dtype, on_device, quantizers_train_, run_block
 from eptq_fx.method.checkpoint import RunCheckpoint
@@ -333,6 +335,10 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         rc = dataclasses.replace(rc, train_weight_scale=False, train_act_scale=False)
     t0 = time.perf_counter()
     cps = compare_points(prepared)
+    block_runner.ensure_batch_layout_(prepared, calib)
+    # a compare point whose samples share a dim with something else cannot be compared sample by sample:
+    # its block matches the block outputs instead (which hold the samples on dim 0, by the schedule)
+    per_sample = {n.name for n in prepared.graph.nodes if splits_by_sample(n)}
     # rank 0 creates the run directory, the others then check it (same model / config / whole data)
     ckpt = distributed.lead_first(lambda: RunCheckpoint.open(resume_dir, prepared, config, calib)) \
         if resume_dir else None
@@ -370,11 +376,17 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     for block in tqdm(blocks, desc="EPTQ blocks", disable=not progress):
         sub = block_subgraph(prepared, block)
         parts = _block_parts(prepared, block, cps)
-        with quant_disabled(prepared):
-            f_out = run_block(sub, f_vals, block, None, store=store)
         n_out = len(block.outputs)
+        comparable = all(name in per_sample for name in block.quant_ops)
+        with quant_disabled(prepared):
+            f_out = run_block(sub, f_vals, block, None, store=store, keep=None if comparable else n_out)
         f_targets = f_out[n_out:]
         done = ckpt is not None and ckpt.restore_block_(block.index, parts)
+        if not done and parts.cp_index and not comparable \
+                and not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in f_out):
+            logger.warning("block %d: neither its layer outputs (%s) nor its outputs can be compared sample by "
+                           "sample; kept round-to-nearest", block.index, ",".join(block.quant_ops))
+            done = True
         if not done and parts.cp_index:
             gen = torch.Generator().manual_seed(config.seed * 100_003 + block.index)
             weighted = in_scope(block)
@@ -382,7 +394,11 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             steps = block_steps(parts, rc)
             if steps != brc.iters:
                 brc = dataclasses.replace(brc, iters=steps)
-            layer_w = _layer_weights(scores, parts, brc, [t[0].numel() for t in f_targets])
+            if comparable:
+                layer_w = _layer_weights(scores, parts, brc, [t[0].numel() for t in f_targets])
+            else:  # the block outputs' distance stands for its layers, as under Target.BLOCK
+                brc = dataclasses.replace(brc, target=Target.BLOCK)
+                layer_w = torch.ones(calib.n, len(parts.cp_index))
             profiles = _channel_profiles(hs, parts, cps, brc)
             tb = time.perf_counter()
             before, after, sqnr = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, brc, gen,

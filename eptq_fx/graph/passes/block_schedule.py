@@ -43,6 +43,7 @@ from torch import fx
 from eptq_fx.errors import ConfigError
 from eptq_fx.graph import ops
 from eptq_fx.graph.meta import BLOCK, BLOCKS, COMPARE_POINT
+from eptq_fx.graph.passes.batch_layout import splits_by_sample
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,27 @@ def _layer_partition(gm: fx.GraphModule, is_quant_op: Callable[[fx.Node], bool])
     return assignment
 
 
+def _join_where_samples_merge(gm: fx.GraphModule, assignment: dict[fx.Node, int]) -> dict[fx.Node, int]:
+    """Blocks meet only at values that hold the samples on dim 0 (``batch_layout``): reconstruction caches
+    what crosses a block boundary row by row. A value that does not (inside nn.MultiheadAttention: (L, N, E),
+    (L·N, E); a tensor without a sample dim) and is used in a later block joins every block from its own to
+    that one, in place (block numbers stay topological)."""
+    joined = True
+    while joined:
+        joined = False
+        for node in gm.graph.nodes:
+            if node not in assignment or splits_by_sample(node):
+                continue
+            lo = assignment[node]
+            hi = max((assignment[u] for u in node.users if u in assignment), default=lo)
+            if hi > lo:
+                for m, b in assignment.items():
+                    if lo < b <= hi:
+                        assignment[m] = lo
+                joined = True
+    return assignment
+
+
 def _make_blocks(gm: fx.GraphModule, assignment: dict[fx.Node, int],
                  is_quant_op: Callable[[fx.Node], bool]) -> list[Block]:
     # Partitions number their blocks in topological order; only make the numbering dense.
@@ -245,7 +267,7 @@ def plan_blocks(gm: fx.GraphModule, granularity: str = "block",
         assignment = _layer_partition(gm, is_quant_op)
     else:
         assignment = _block_partition(gm, is_quant_op)
-    return _make_blocks(gm, assignment, is_quant_op)
+    return _make_blocks(gm, _join_where_samples_merge(gm, assignment), is_quant_op)
 
 
 def schedule_blocks(gm: fx.GraphModule, granularity: str = "block",
