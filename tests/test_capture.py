@@ -89,6 +89,17 @@ def test_data_parallel_is_unwrapped():
         torch.testing.assert_close(gm(x), model(x))
 
 
+def test_torch_compiled_model_quantizes_as_the_model_itself():
+    """torch.compile's wrapper hides the inputs behind forward(*args, **kwargs); it quantized nothing and
+    reported a calibration batch with too many inputs before."""
+    model, x = make_model("small_cnn"), example_input("small_cnn", 64, seed=1)
+    config = EPTQConfig(method="rtn", weight_bits=4, n_calib=64)
+    compiled = eptq_fx.quantize(torch.compile(model), x, config, progress=False)
+    plain = eptq_fx.quantize(model, x, config, progress=False)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), plain(x))
+
+
 def test_untraceable_submodule_is_named_with_a_fix():
     with pytest.raises(TraceError) as info:
         capture(WithGate())

@@ -77,10 +77,17 @@ def _drop_specialization_asserts_(graph: fx.Graph, concrete_args: dict) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DataParallel / DistributedDataParallel wrappers."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
+    """Strip DataParallel / DistributedDataParallel wrappers and ``torch.compile``'s OptimizedModule (whose
+    ``forward(*args, **kwargs)`` hides the model's inputs; its original module holds the same parameters)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _adopt_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -9,7 +9,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from eptq_fx.config import AUTO_CACHE_BYTES, Precision
 from eptq_fx.data import CalibSet
-from eptq_fx.graph.meta import BATCH_LAYOUT
+from eptq_fx.errors import CalibrationDataError
+from eptq_fx.graph.meta import BATCH_DIM, BATCH_LAYOUT
 from eptq_fx.graph.passes.batch_layout import annotate_batch_dims_
 from eptq_fx.graph.passes.block_schedule import Block
 from eptq_fx.numerics.calibration import quant_disabled
@@ -18,10 +19,26 @@ from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
 
 def ensure_batch_layout_(gm: fx.GraphModule, calib: CalibSet) -> None:
     """Find where each value holds its samples (``node.meta[BATCH_DIM]``), once per graph, from a float run
-    on the first calibration samples; the block schedule and the per-sample caches and scores follow it."""
-    if not gm.meta.get(BATCH_LAYOUT):
-        with quant_disabled(gm):
-            annotate_batch_dims_(gm, calib.tensors)
+    on the first calibration samples; the block schedule and the per-sample caches and scores follow it.
+    Raises CalibrationDataError when an output that depends on the inputs does not hold the samples on dim 0:
+    EPTQ matches the float model sample by sample, so the data's dim 0 must be what the model's is."""
+    if gm.meta.get(BATCH_LAYOUT):
+        return
+    with quant_disabled(gm):
+        annotate_batch_dims_(gm, calib.tensors)
+    data_dependent: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(m in data_dependent for m in node.all_input_nodes):
+            data_dependent.add(node)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    bad = [n.name for n in tree_flatten(output.args[0])[0] if isinstance(n, fx.Node) and n in data_dependent
+           and n.meta.get(BATCH_DIM, 0) != 0]
+    if bad:
+        raise CalibrationDataError(
+            f"Model output {bad[0]!r} does not hold the calibration samples on dim 0 (dim 0 of every input is "
+            f"read as the sample index); give inputs with the samples on dim 0 and a model whose outputs keep "
+            f"them there (wrap a sequence-first model so that it takes and returns batch-first tensors), or use "
+            f"method='rtn'.")
 
 
 def module_device(module: torch.nn.Module) -> torch.device | None:

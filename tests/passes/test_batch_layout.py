@@ -155,3 +155,19 @@ def test_eptq_through_multihead_attention() -> None:
     with torch.no_grad():
         ref, out = model(test), q(test)
     assert float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 15.0
+
+
+def test_sequence_first_model_fed_batch_first_data_is_refused_before_eptq() -> None:
+    class SeqFirstAttn(nn.Module):  # nn.MultiheadAttention's default: (L, N, E) in and out
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha, self.head = nn.MultiheadAttention(16, 2), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.mha(x, x, x, need_weights=False)[0].mean(0))
+
+    x = torch.randn(64, L, 16)  # the samples on dim 0, as the data API reads them; the model reads dim 1
+    config = EPTQConfig(weight_bits=4, act_bits=8, n_calib=64, reconstruction=ReconstructionConfig(iters=5),
+                        hessian=HessianConfig(cache_dir=None, max_probes=4, min_probes=2))
+    with pytest.raises(eptq_fx.CalibrationDataError, match="does not hold the calibration samples on dim 0"):
+        eptq_fx.quantize(SeqFirstAttn().eval(), x, config, progress=False)
