@@ -47,6 +47,10 @@ VARIANTS = {
     "hold16": {"fallback_holdout": 0.0625},  # 1/16 held out for the fallback tests (default 1/8)
     "nophase": {"act_phase_in": False},  # activations quantized from the first step (no fade-in)
     "lrscale3": {"lr_scale": 3e-3},  # 3x the learning rate of weight and activation scales
+    # the rounding regulariser relative to the block's round-to-nearest loss, per weight (ReconstructionConfig)
+    "rel10": {"reg_relative": 10.0},
+    "rel100": {"reg_relative": 100.0},
+    "rel1000": {"reg_relative": 1000.0},
 }
 PLACEMENTS = ("fusable", "inputs")
 ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl",

@@ -210,6 +210,11 @@ class ReconstructionConfig:
     lr_bias: float = 1e-3
     lr_scale: float = 1e-3  # per-channel weight scale and activation scales
     reg_factor: float = 0.01
+    # > 0: the rounding regulariser is reg_relative × (the block's round-to-nearest loss) × the mean over its
+    # weights of 1 − |2h − 1|^β, in place of reg_factor × the sum: the same balance against the reconstruction
+    # loss whatever the scale of the block's outputs and its number of weights (AdaRound's absolute weight
+    # makes the balance differ by orders of magnitude between blocks and models)
+    reg_relative: float = 0.0
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2  # fraction of steps with beta held and no rounding regulariser decay
@@ -269,6 +274,8 @@ class ReconstructionConfig:
             _check_positive(f"ReconstructionConfig.{n}", getattr(self, n), integer=False)
         if not 0.0 <= self.reg_factor:
             raise ConfigError("ReconstructionConfig.reg_factor must be >= 0.")
+        if not 0.0 <= self.reg_relative:
+            raise ConfigError("ReconstructionConfig.reg_relative must be >= 0 (0: reg_factor's absolute weight).")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError("ReconstructionConfig.warmup must be in [0, 1).")
         if not 0.0 <= self.qdrop < 1.0:

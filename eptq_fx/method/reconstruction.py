@@ -178,10 +178,13 @@ class _Trainer:
             aq.float_mix = p
 
     def round_loss(self, beta: float, layer_w: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(())
+        total, count = torch.zeros(()), 0
         for w, op in zip(layer_w, self.parts.weight_ops.values()):
             h = op.weight_quant.soft_h()
             total = total + w * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+            count += h.numel()
+        if self.rc.reg_relative > 0:  # scale-free: relative to the round-to-nearest loss, per weight
+            return self.rc.reg_relative * self.rtn_loss * total / max(1, count)
         return self.rc.reg_factor * total
 
     def revert_(self) -> None:
@@ -278,6 +281,7 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     with torch.no_grad():
         loss_before = global_loss(eval_idx)  # round-to-nearest, the baseline the block must beat
     trainer = _Trainer(parts, rc)
+    trainer.rtn_loss = loss_before
     # QDrop masks are seeded per step from the block's generator (drawn only when used, so a qdrop=0 run keeps
     # its minibatch sequence)
     drop_seed = int(torch.randint(0, 2 ** 30, (1,), generator=gen)) * 1_000_003 if rc.qdrop > 0 else 0
