@@ -211,3 +211,39 @@ def test_low_bit_steps_equal_a_run_with_that_many_steps():
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     c = eptq_fx.quantize(model, x, base, progress=False).state_dict()
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+class _Homogeneous(torch.nn.Module):
+    """Bias-free linear / ReLU layers: scaling the input by k scales every value in the network by k."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(16, 32, bias=False)
+        self.b = torch.nn.Linear(32, 32, bias=False)
+        self.o = torch.nn.Linear(32, 4, bias=False)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _int_weights(model, x, **reconstruction) -> torch.Tensor:
+    config = EPTQConfig(method="eptq" if reconstruction else "rtn", weight_bits=4, act_bits=8, n_calib=256,
+                        first_last_8bit=False, hessian=HessianConfig(cache_dir=None),
+                        reconstruction=ReconstructionConfig(**reconstruction))
+    q = eptq_fx.quantize(model, x, config, progress=False)
+    return torch.cat([b.flatten() for n, b in sorted(q.named_buffers()) if n.endswith("_weight_int")])
+
+
+def test_relative_regulariser_rounds_alike_whatever_the_scale_of_the_values():
+    """With ``reg_relative`` the regulariser follows the block's round-to-nearest loss, so scaling every value
+    of a homogeneous network by 10 or 100 leaves the learned rounding nearly as it was (Adam is invariant to
+    the loss scale; what is left is float rounding in the range searches), and it is not round-to-nearest."""
+    torch.manual_seed(0)
+    model = _Homogeneous().eval()
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    rtn = _int_weights(model, x)
+    base = _int_weights(model, x, reg_relative=1000.0)
+    assert float((base != rtn).float().mean()) > 0.05
+    for scale in (10.0, 100.0):
+        scaled = _int_weights(model, x * scale, reg_relative=1000.0)
+        assert float((scaled != base).float().mean()) < 0.05
