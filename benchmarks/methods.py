@@ -47,10 +47,14 @@ VARIANTS = {
     "hold16": {"fallback_holdout": 0.0625},  # 1/16 held out for the fallback tests (default 1/8)
     "nophase": {"act_phase_in": False},  # activations quantized from the first step (no fade-in)
     "lrscale3": {"lr_scale": 3e-3},  # 3x the learning rate of weight and activation scales
-    # the rounding regulariser relative to the block's round-to-nearest loss, per weight (ReconstructionConfig)
-    "rel10": {"reg_relative": 10.0},
-    "rel100": {"reg_relative": 100.0},
-    "rel1000": {"reg_relative": 1000.0},
+    # the rounding regulariser relative to the block's round-to-nearest loss, per weight, in every block (the
+    # default since stop 26: 1000 in blocks of at most 3-bit weights); "absreg": AdaRound's absolute
+    # reg_factor = 0.01 everywhere (the default until then)
+    "absreg": {"reg_relative": 0.0},
+    "rel10": {"reg_relative": 10.0, "reg_relative_max_bits": 16},
+    "rel100": {"reg_relative": 100.0, "reg_relative_max_bits": 16},
+    "rel1000": {"reg_relative": 1000.0, "reg_relative_max_bits": 16},
+    "rel10000": {"reg_relative": 10000.0, "reg_relative_max_bits": 16},
 }
 PLACEMENTS = ("fusable", "inputs")
 ABLATIONS = ("eptq_uniform", "eptq_network", "eptq_network_uniform", "eptq_hmse", "eptq_channel", "eptq_kl",

@@ -10,7 +10,7 @@ import torch
 import eptq_fx
 from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
 from eptq_fx.graph.meta import ActQuant
-from eptq_fx.method.reconstruction import BlockParts, _Trainer, block_steps
+from eptq_fx.method.reconstruction import BlockParts, _Trainer, block_config, block_steps
 from eptq_fx.numerics.quantizers import QuantWeightOp, WeightQuantizer, rectified_sigmoid
 from examples.models import example_input, make_model
 
@@ -242,8 +242,24 @@ def test_relative_regulariser_rounds_alike_whatever_the_scale_of_the_values():
     model = _Homogeneous().eval()
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
     rtn = _int_weights(model, x)
-    base = _int_weights(model, x, reg_relative=1000.0)
+    base = _int_weights(model, x, reg_relative=1000.0, reg_relative_max_bits=4)
     assert float((base != rtn).float().mean()) > 0.05
     for scale in (10.0, 100.0):
-        scaled = _int_weights(model, x * scale, reg_relative=1000.0)
+        scaled = _int_weights(model, x * scale, reg_relative=1000.0, reg_relative_max_bits=4)
         assert float((scaled != base).float().mean()) < 0.05
+
+
+def test_relative_regulariser_only_where_weights_are_narrow():
+    """Default: blocks whose narrowest weights have at most 3 bits train under the relative regulariser (and
+    8× / 2× the steps at 2 / 3 bits); 4- and 8-bit blocks keep AdaRound's absolute weight and the base steps."""
+    def parts(*bits):
+        ops = {f"l{i}": QuantWeightOp(torch.nn.Linear(4, 4), b) for i, b in enumerate(bits)}
+        return BlockParts(ops, {}, list(range(len(bits))), list(range(len(bits))))
+
+    rc = ReconstructionConfig()
+    assert rc.reg_relative > 0 and rc.reg_relative_max_bits == 3
+    for bits, rel, iters in (((2, 8), rc.reg_relative, 8 * rc.iters), ((3,), rc.reg_relative, 2 * rc.iters),
+                             ((4, 8), 0.0, rc.iters), ((8,), 0.0, rc.iters)):
+        got = block_config(parts(*bits), rc)
+        assert (got.reg_relative, got.iters) == (rel, iters)
+    assert block_config(parts(2), dataclasses.replace(rc, reg_relative=0.0)).reg_relative == 0.0

@@ -74,10 +74,29 @@ def block_steps(parts: BlockParts, rc: ReconstructionConfig) -> int:
     variables need many more steps to settle. ResNet-20 W2A4 gained +0.7 to +1.5 from 500 to 2000 steps and
     another +1.17 from 2000 to 4000 (BENCHMARKS.md, "Steps per block by bit width" and stop 25); blocks at 4 bits
     and more keep the budget that the 4- and 8-bit figures, and issue 11's wall-time cap, were measured with."""
-    bits = [op.weight_quant.bits for op in parts.weight_ops.values()]
-    if not rc.low_bit_steps or not bits or min(bits) >= 4:
+    bits = _narrowest_bits(parts)
+    if not rc.low_bit_steps or bits is None or bits >= 4:
         return rc.iters
-    return rc.iters * 2 ** (2 * (4 - min(bits)) - 1)
+    return rc.iters * 2 ** (2 * (4 - bits) - 1)
+
+
+def _narrowest_bits(parts: BlockParts) -> int | None:
+    bits = [op.weight_quant.bits for op in parts.weight_ops.values()]
+    return min(bits) if bits else None
+
+
+def block_config(parts: BlockParts, rc: ReconstructionConfig) -> ReconstructionConfig:
+    """``rc`` as one block trains under it: ``block_steps`` steps, and the relative rounding regulariser only
+    where the block's narrowest weights have at most ``rc.reg_relative_max_bits`` bits (AdaRound's absolute
+    ``reg_factor`` elsewhere; see ReconstructionConfig.reg_relative)."""
+    changes = {}
+    steps = block_steps(parts, rc)
+    if steps != rc.iters:
+        changes["iters"] = steps
+    bits = _narrowest_bits(parts)
+    if rc.reg_relative and (bits is None or bits > rc.reg_relative_max_bits):
+        changes["reg_relative"] = 0.0
+    return dataclasses.replace(rc, **changes) if changes else rc
 
 
 def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionConfig,
@@ -394,10 +413,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         if not done and parts.cp_index:
             gen = torch.Generator().manual_seed(config.seed * 100_003 + block.index)
             weighted = in_scope(block)
-            brc = rc if weighted else uniform_rc
-            steps = block_steps(parts, rc)
-            if steps != brc.iters:
-                brc = dataclasses.replace(brc, iters=steps)
+            brc = block_config(parts, rc if weighted else uniform_rc)
             if comparable:
                 layer_w = _layer_weights(scores, parts, brc, [t[0].numel() for t in f_targets])
             else:  # the block outputs' distance stands for its layers, as under Target.BLOCK
