@@ -11,7 +11,7 @@ from eptq_fx.config import AUTO_CACHE_BYTES, Precision
 from eptq_fx.data import CalibSet
 from eptq_fx.errors import CalibrationDataError
 from eptq_fx.graph.meta import BATCH_DIM, BATCH_LAYOUT
-from eptq_fx.graph.passes.batch_layout import annotate_batch_dims_
+from eptq_fx.graph.passes.batch_layout import PROBE_SIZES, annotate_batch_dims_
 from eptq_fx.graph.passes.block_schedule import Block
 from eptq_fx.numerics.calibration import quant_disabled
 from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
@@ -24,8 +24,9 @@ def ensure_batch_layout_(gm: fx.GraphModule, calib: CalibSet) -> None:
     EPTQ matches the float model sample by sample, so the data's dim 0 must be what the model's is."""
     if gm.meta.get(BATCH_LAYOUT):
         return
-    with quant_disabled(gm):
-        annotate_batch_dims_(gm, calib.tensors)
+    device, dtype = module_device(gm), module_dtype(gm)
+    with quant_disabled(gm):  # the first samples, where and as the model computes (a GPU model: on its GPU)
+        annotate_batch_dims_(gm, tuple(fetch(t[:max(PROBE_SIZES)], device, dtype) for t in calib.tensors))
     data_dependent: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder" or any(m in data_dependent for m in node.all_input_nodes):
