@@ -51,6 +51,9 @@ VARIANTS = {
     # default since stop 26: 1000 in blocks of at most 3-bit weights); "absreg": AdaRound's absolute
     # reg_factor = 0.01 everywhere (the default until then)
     "absreg": {"reg_relative": 0.0},
+    # a block reverts to round-to-nearest on any rise of its held-out loss (the rule until stop 28; now only on a
+    # rise of more than 2 standard errors of the paired per-sample difference)
+    "blockfb0": {"block_fallback_z": 0.0},
     "rel10": {"reg_relative": 10.0, "reg_relative_max_bits": 16},
     "rel100": {"reg_relative": 100.0, "reg_relative_max_bits": 16},
     "rel1000": {"reg_relative": 1000.0, "reg_relative_max_bits": 16},

@@ -276,12 +276,14 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     term_w = on_device(term_w, device)
     profiles = [None if p is None else on_device(p, device) for p in profiles]
 
-    def block_loss(idx: torch.Tensor, train: bool = False, power: list[float] | None = None) -> torch.Tensor:
+    def block_loss(idx: torch.Tensor, train: bool = False, power: list[float] | None = None,
+                   per_sample: bool = False) -> torch.Tensor:
         # idx: global sample indices; q_vals / f_targets hold this rank's samples only (all of them in 1 process).
-        # power: [Σ target², Σ error²] accumulated here (the SQNR of what the loss compares, for the log)
+        # power: [Σ target², Σ error²] accumulated here (the SQNR of what the loss compares, for the log).
+        # per_sample: this rank's per-sample losses instead of their (global minibatch) mean
         g, loc = split(idx)
         if len(loc) == 0:
-            return torch.zeros(())
+            return torch.zeros(0) if per_sample else torch.zeros(())
         with torch.autocast((device or torch.device("cpu")).type, torch.bfloat16, enabled=train and autocast):
             preds = pick(sub(*(fetch(q_vals[name][loc], device, dtype) for name in block.inputs)))
         targets = [fetch(f_targets[j][loc], device, dtype) for j in range(len(preds))]
@@ -291,6 +293,8 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
             power[0] += sum(float(t.pow(2).sum()) for t in targets)
             power[1] += float(per_term.sum())
         weighted = (per_term * term_w[g]).sum(1)
+        if per_sample:
+            return weighted.float()
         # under torch.distributed: this rank's share of the global minibatch mean, summed over ranks below
         return weighted.sum() / len(idx) if distributed.is_active() else weighted.mean()
 
@@ -298,7 +302,9 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
         return float(distributed.all_sum_(block_loss(idx, power=power).detach().reshape(1).clone())[0])
 
     with torch.no_grad():
-        loss_before = global_loss(eval_idx)  # round-to-nearest, the baseline the block must beat
+        # round-to-nearest, the baseline the block must beat, sample by sample for the paired test below
+        rtn_per_sample = block_loss(eval_idx, per_sample=True)
+        loss_before = global_loss(eval_idx)
     trainer = _Trainer(parts, rc)
     trainer.rtn_loss = loss_before
     # QDrop masks are seeded per step from the block's generator (drawn only when used, so a qdrop=0 run keeps
@@ -325,15 +331,33 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     power = [0.0, 0.0]
     with torch.no_grad():
         loss_after = global_loss(eval_idx, power)
-        if not loss_after <= loss_before:  # a NaN (diverged) counts as worse
+        se = paired_standard_error(block_loss(eval_idx, per_sample=True) - rtn_per_sample, len(eval_idx))
+        margin = rc.block_fallback_z * se
+        if not loss_after <= loss_before + margin:  # a NaN (diverged) counts as worse
             # too few steps to settle the rounding: keep round-to-nearest rather than ship a worse block
             trainer.revert_()
-            logger.info("block %d: optimised loss %.4g > round-to-nearest %.4g, kept round-to-nearest",
-                        block.index, loss_after, loss_before)
+            logger.info("block %d: optimised loss %.4g > round-to-nearest %.4g (+%.1f standard errors), kept "
+                        "round-to-nearest", block.index, loss_after, loss_before, (loss_after - loss_before) / se
+                        if se > 0 else math.inf)
             power = [0.0, 0.0]
             loss_after = global_loss(eval_idx, power)
+        elif loss_after > loss_before:
+            logger.info("block %d: optimised loss %.4g > round-to-nearest %.4g by %.1f standard errors of the "
+                        "paired difference (<= %g): kept the optimised block", block.index, loss_after,
+                        loss_before, (loss_after - loss_before) / se, rc.block_fallback_z)
     sqnr = 10.0 * math.log10(power[0] / power[1]) if power[1] > 0 else float("inf")
     return loss_before, loss_after, sqnr
+
+
+def paired_standard_error(diff: torch.Tensor, n: int) -> float:
+    """Standard error of the mean of a paired per-sample difference over ``n`` samples (this rank holds
+    ``diff`` for its own samples; the sums are taken over all ranks). 0 for fewer than 2 samples."""
+    sums = distributed.all_sum_(torch.stack([diff.double().sum(), diff.double().pow(2).sum()]))
+    if n < 2:
+        return 0.0
+    mean = float(sums[0]) / n
+    var = max(0.0, (float(sums[1]) - n * mean * mean) / (n - 1))
+    return math.sqrt(var / n)
 
 
 def _split(n: int, rc: ReconstructionConfig) -> tuple[int, torch.Tensor]:
