@@ -237,3 +237,52 @@ def test_block_target_weighs_samples_by_the_hessian_at_block_outputs():
     R.reconstruct(b, CalibSet((x,)), cfg, progress=False, hessian=dataclasses.replace(est, block_outputs=None))
     with torch.no_grad():
         assert not torch.equal(a(x), b(x))
+
+
+def test_paired_standard_error_matches_numpy():
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    diff = rng.standard_normal(128) * 3.0 + 0.5
+    expected = float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
+    assert R.paired_standard_error(torch.tensor(diff, dtype=torch.float32), len(diff)) == pytest.approx(expected,
+                                                                                                      rel=1e-6)
+    assert R.paired_standard_error(torch.tensor([2.0]), 1) == 0.0
+    assert R.paired_standard_error(torch.full((16,), 0.25), 16) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("z, reverts", [(0.0, True), (1e9, False)])
+def test_block_fallback_reverts_only_beyond_z_standard_errors(monkeypatch, caplog, z, reverts):
+    """Each block ends slightly worse than round-to-nearest on its held-out samples (its biases are nudged after
+    training): under z = 0 every block reverts, so the result is round-to-nearest's; under a huge z every block
+    keeps its optimised (nudged) state."""
+    model, x = make_model("tiny_resnet"), example_input("tiny_resnet", batch_size=128, seed=3)
+    finish = R._Trainer.finish
+
+    def finish_then_nudge(self):
+        finish(self)
+        with torch.no_grad():
+            for op in self.parts.weight_ops.values():
+                if op.op.bias is not None:
+                    op.op.bias.add_(0.5)
+
+    monkeypatch.setattr(R._Trainer, "finish", finish_then_nudge)
+    rc = dataclasses.replace(CFG.reconstruction, block_fallback_z=z, fallback=False)
+    cfg = dataclasses.replace(CFG, reconstruction=rc)
+    prepared = _calibrated(model, x, cfg)
+    with caplog.at_level(logging.INFO, logger=R.__name__):
+        R.reconstruct(prepared, CalibSet((x,)), cfg, progress=False)
+    reverted = caplog.text.count("kept round-to-nearest")
+    kept = caplog.text.count("kept the optimised block")
+    n_blocks = len(prepared.meta[BLOCKS])
+    assert (reverted, kept) == ((n_blocks, 0) if reverts else (0, n_blocks))
+    rtn = eptq_fx.quantize(model, x, dataclasses.replace(CFG, method="rtn"), progress=False)
+    x_test = example_input("tiny_resnet", batch_size=32, seed=9)
+    with torch.no_grad():
+        assert torch.equal(eptq_fx.convert(prepared)(x_test), rtn(x_test)) == reverts
+
+
+@pytest.mark.parametrize("z", [-1.0, float("nan"), float("inf")])
+def test_block_fallback_z_is_validated(z):
+    with pytest.raises(ConfigError, match="block_fallback_z"):
+        ReconstructionConfig(block_fallback_z=z)
