@@ -54,6 +54,7 @@ VARIANTS = {
     # a block reverts to round-to-nearest on any rise of its held-out loss (the rule until stop 28; now only on a
     # rise of more than 2 standard errors of the paired per-sample difference)
     "blockfb0": {"block_fallback_z": 0.0},
+    "noblockfb": {"block_fallback_z": 1e9},  # no block reverts (the network-output fallback still applies)
     "rel10": {"reg_relative": 10.0, "reg_relative_max_bits": 16},
     "rel100": {"reg_relative": 100.0, "reg_relative_max_bits": 16},
     "rel1000": {"reg_relative": 1000.0, "reg_relative_max_bits": 16},
