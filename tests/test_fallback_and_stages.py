@@ -242,13 +242,15 @@ def test_block_target_weighs_samples_by_the_hessian_at_block_outputs():
 def test_paired_standard_error_matches_numpy():
     import numpy as np
 
+    from eptq_fx.method.fallback import paired_standard_error
+
     rng = np.random.default_rng(4)
     diff = rng.standard_normal(128) * 3.0 + 0.5
     expected = float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
-    assert R.paired_standard_error(torch.tensor(diff, dtype=torch.float32), len(diff)) == pytest.approx(expected,
-                                                                                                      rel=1e-6)
-    assert R.paired_standard_error(torch.tensor([2.0]), 1) == 0.0
-    assert R.paired_standard_error(torch.full((16,), 0.25), 16) == pytest.approx(0.0, abs=1e-12)
+    assert paired_standard_error(torch.tensor(diff, dtype=torch.float32), len(diff)) == pytest.approx(expected,
+                                                                                                    rel=1e-6)
+    assert paired_standard_error(torch.tensor([2.0]), 1) == 0.0
+    assert paired_standard_error(torch.full((16,), 0.25), 16) == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("z, reverts", [(0.0, True), (1e9, False)])

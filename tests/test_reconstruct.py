@@ -108,7 +108,8 @@ def test_uniform_weighting_and_hmse_run_and_change_the_result():
 
 def test_channel_profile_weights_each_channel_by_its_share_of_the_sample_trace():
     from eptq_fx.method.activation_hessian import HessianScores
-    from eptq_fx.method.reconstruction import _channel_profiles, _distance
+    from eptq_fx.method.loss_weights import channel_profiles as _channel_profiles
+    from eptq_fx.method.reconstruction import _distance
 
     # two samples, three channels; each sample's row is normalised to mean 1 over its channels
     per_channel = {"conv": torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])}
@@ -127,7 +128,7 @@ def test_channel_profile_weights_each_channel_by_its_share_of_the_sample_trace()
 
 
 def test_layer_weights_are_trace_per_element_normalised_by_the_block_maximum():
-    from eptq_fx.method.reconstruction import _layer_weights
+    from eptq_fx.method.loss_weights import layer_weights as _layer_weights
 
     # columns: three compare points of the graph; the block holds the 3rd and 1st (in that order)
     scores = torch.tensor([[4.0, 9.0, 8.0], [12.0, 9.0, 24.0]])

@@ -6,12 +6,14 @@ blocks leave behind compound differently than the block losses say), so the per-
 EPTQ from ending below RTN."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+from eptq_fx import distributed
 from eptq_fx.data import CalibSet
 from eptq_fx.graph.passes.qdq_insertion import act_quantizers, weight_ops
 from eptq_fx.numerics.calibration import quant_disabled
@@ -81,3 +83,14 @@ def float_outputs(prepared: fx.GraphModule, calib: CalibSet, idx: torch.Tensor,
             chunks.append(output_leaves(prepared(*calib.take(idx[i:i + batch_size]))))
     prepared.train(was_training)
     return [torch.cat([c[j] for c in chunks]) for j in range(len(chunks[0]))] if chunks else []
+
+
+def paired_standard_error(diff: torch.Tensor, n: int) -> float:
+    """Standard error of the mean of a paired per-sample difference over ``n`` samples (this rank holds
+    ``diff`` for its own samples; the sums are taken over all ranks). 0 for fewer than 2 samples."""
+    sums = distributed.all_sum_(torch.stack([diff.double().sum(), diff.double().pow(2).sum()]))
+    if n < 2:
+        return 0.0
+    mean = float(sums[0]) / n
+    var = max(0.0, (float(sums[1]) - n * mean * mean) / (n - 1))
+    return math.sqrt(var / n)

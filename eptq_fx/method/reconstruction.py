@@ -29,9 +29,10 @@ from eptq_fx.method import block_runner
 from eptq_fx.method.activation_hessian import HessianScores
 from eptq_fx.method.block_runner import fetch, module_device, module_dtype, on_device, quantizers_train_, run_block
 from eptq_fx.method.checkpoint import RunCheckpoint
-from eptq_fx.method.fallback import float_outputs, output_error, restore_rtn_, snapshot_rtn
+from eptq_fx.method.fallback import float_outputs, output_error, paired_standard_error, restore_rtn_, snapshot_rtn
 from eptq_fx.method.finetune import finetune_network_
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian, rescaled_compare_points
+from eptq_fx.method.loss_weights import channel_profiles, layer_weights, loss_terms
 from eptq_fx.numerics.calibration import init_weight_scales_, input_names, quant_disabled
 from eptq_fx.numerics.distance import squared_distance
 from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
@@ -97,45 +98,6 @@ def block_config(parts: BlockParts, rc: ReconstructionConfig) -> ReconstructionC
     if rc.reg_relative and (bits is None or bits > rc.reg_relative_max_bits):
         changes["reg_relative"] = 0.0
     return dataclasses.replace(rc, **changes) if changes else rc
-
-
-def _layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionConfig,
-                   sizes: list[int]) -> torch.Tensor:
-    """(N, L_block) loss weights for the per-layer squared errors.
-
-    A layer's score is tr(JᵀJ); for an error Δ spread evenly over its D elements the output error is
-    ΔᵀJᵀJΔ ≈ (tr/D)·‖Δ‖², so the weight of ‖Δ‖² is tr/D (``sizes`` = D per compare point), normalised by the
-    block's largest mean so that the loss keeps the scale the rounding regulariser is balanced against."""
-    s = scores[:, parts.cp_index]
-    if not rc.hessian_weighting:
-        return torch.ones_like(s)
-    s = s / torch.tensor(sizes, dtype=s.dtype)
-    if not rc.hessian_per_sample:
-        s = s.mean(0, keepdim=True).expand_as(s).clone()
-    top = s.mean(0).max()
-    return s / top if top > 0 else torch.ones_like(s)
-
-
-def _channel_profiles(hs: HessianScores | None, parts: BlockParts, cps: list[str],
-                      rc: ReconstructionConfig) -> list[torch.Tensor | None]:
-    """Per compare point of the block: (N, C) shares of each sample's trace held by each channel (dim 1),
-    mean 1 over the channels of a sample, or None for an isotropic distance.
-
-    Why per sample and per channel: a weight that is constant over everything one parameter influences is
-    undone by Adam's per-parameter step normalisation (a conv output channel depends on its own weight row
-    only), so only weights that vary across the samples (and positions) a parameter sees change the solution."""
-    if hs is None or hs.per_channel is None or not rc.hessian_per_channel:
-        return [None] * len(parts.cp_index)
-    return [_channel_profile(hs.per_channel[cps[i]]) for i in parts.cp_index]
-
-
-def _channel_profile(c: torch.Tensor | None) -> torch.Tensor | None:
-    """(N, C) per-channel scores as shares with mean 1 over a sample's channels (an all-zero row: even);
-    None for a single channel, where a profile changes nothing."""
-    if c is None or c.shape[1] <= 1:
-        return None
-    mean = c.mean(1, keepdim=True)
-    return torch.where(mean > 0, c / mean.clamp_min(1e-30), 1.0)
 
 
 _distance = squared_distance  # per-sample reconstruction distance (numerics/distance.py)
@@ -233,35 +195,6 @@ class _Trainer:
             aq.fold_gain_()
 
 
-def _block_output_weights(block: Block, n: int, tables: list[HessianScores], rc: ReconstructionConfig):
-    """Under Target.BLOCK: (N, K) per-sample weights of the block's K outputs, each the sample's label-free
-    Hessian trace at that output over its mean (so a term keeps its scale; ones where no score exists: a tuple
-    or the model output itself, where J = I), and their per-channel profiles (``hessian_per_channel``).
-    ``tables``: the score tables to look the outputs up in (compare points, extra block outputs)."""
-    cols, profiles = [], []
-    for name in block.outputs:
-        hs = next((t for t in tables if name in t.names), None)
-        s = None if hs is None else hs.scores[:, hs.names.index(name)]
-        mean = None if s is None else float(s.mean())
-        cols.append(torch.ones(n) if not mean or mean <= 0 or not rc.hessian_per_sample else s / mean)
-        per_channel = None if hs is None or hs.per_channel is None or not rc.hessian_per_channel else hs.per_channel
-        profiles.append(_channel_profile(None if per_channel is None else per_channel.get(name)))
-    return torch.stack(cols, 1), profiles
-
-
-def _loss_terms(block: Block, parts: BlockParts, f_out: list, layer_w: torch.Tensor, profiles: list,
-                rc: ReconstructionConfig, block_hs: list[HessianScores] = ()):
-    """What the block's loss compares, by ``rc.target``: (pick(outputs) -> predictions, float targets,
-    (N, K) per-sample weights, per-term channel profiles, rounding-regulariser weight per weight op)."""
-    n_out = len(block.outputs)
-    if rc.target is Target.BLOCK and all(isinstance(t, torch.Tensor) and t.is_floating_point()
-                                         for t in f_out[:n_out]):
-        # the block outputs' distance stands for all of its layers
-        term_w, term_profiles = _block_output_weights(block, f_out[0].shape[0], list(block_hs), rc)
-        return (lambda outs: outs[:n_out]), f_out[:n_out], term_w, term_profiles, torch.ones(len(parts.weight_pos))
-    return (lambda outs: outs[n_out:]), f_out[n_out:], layer_w, profiles, None
-
-
 def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n_train: int,
                  eval_idx: torch.Tensor, progress, shard: distributed.Shard | None = None,
                  block_hs: list[HessianScores] = ()) -> tuple[float, float]:
@@ -270,7 +203,7 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
     split = (lambda idx: (idx, idx)) if shard is None else shard.split
     device, dtype = module_device(sub), module_dtype(sub)
     autocast = rc.compute_precision is Precision.BFLOAT16
-    pick, f_targets, term_w, profiles, reg_w = _loss_terms(block, parts, f_out, layer_w, profiles, rc, block_hs)
+    pick, f_targets, term_w, profiles, reg_w = loss_terms(block, parts, f_out, layer_w, profiles, rc, block_hs)
     if reg_w is None:
         reg_w = layer_w.mean(0)[parts.weight_pos]  # the regulariser is weighted like the layer's loss term
     term_w = on_device(term_w, device)
@@ -347,17 +280,6 @@ def _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, rc, gen, n
                         loss_before, (loss_after - loss_before) / se, rc.block_fallback_z)
     sqnr = 10.0 * math.log10(power[0] / power[1]) if power[1] > 0 else float("inf")
     return loss_before, loss_after, sqnr
-
-
-def paired_standard_error(diff: torch.Tensor, n: int) -> float:
-    """Standard error of the mean of a paired per-sample difference over ``n`` samples (this rank holds
-    ``diff`` for its own samples; the sums are taken over all ranks). 0 for fewer than 2 samples."""
-    sums = distributed.all_sum_(torch.stack([diff.double().sum(), diff.double().pow(2).sum()]))
-    if n < 2:
-        return 0.0
-    mean = float(sums[0]) / n
-    var = max(0.0, (float(sums[1]) - n * mean * mean) / (n - 1))
-    return math.sqrt(var / n)
 
 
 def _split(n: int, rc: ReconstructionConfig) -> tuple[int, torch.Tensor]:
@@ -439,11 +361,11 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             weighted = in_scope(block)
             brc = block_config(parts, rc if weighted else uniform_rc)
             if comparable:
-                layer_w = _layer_weights(scores, parts, brc, [t[0].numel() for t in f_targets])
+                layer_w = layer_weights(scores, parts, brc, [t[0].numel() for t in f_targets])
             else:  # the block outputs' distance stands for its layers, as under Target.BLOCK
                 brc = dataclasses.replace(brc, target=Target.BLOCK)
                 layer_w = torch.ones(calib.n, len(parts.cp_index))
-            profiles = _channel_profiles(hs, parts, cps, brc)
+            profiles = channel_profiles(hs, parts, cps, brc)
             tb = time.perf_counter()
             before, after, sqnr = _train_block(sub, block, parts, q_vals, f_out, layer_w, profiles, brc, gen,
                                          n_train, hold_idx, progress, shard if distributed.is_active() else None,
