@@ -55,6 +55,8 @@ VARIANTS = {
     # rise of more than 2 standard errors of the paired per-sample difference)
     "blockfb0": {"block_fallback_z": 0.0},
     "noblockfb": {"block_fallback_z": 1e9},  # no block reverts (the network-output fallback still applies)
+    # each sample's Hessian weight (relative to the mean) to the power 1/2: the sample attention tempered
+    "temper": {"hessian_sample_power": 0.5},
     "rel10": {"reg_relative": 10.0, "reg_relative_max_bits": 16},
     "rel100": {"reg_relative": 100.0, "reg_relative_max_bits": 16},
     "rel1000": {"reg_relative": 1000.0, "reg_relative_max_bits": 16},

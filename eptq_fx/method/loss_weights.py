@@ -30,8 +30,20 @@ def layer_weights(scores: torch.Tensor, parts: BlockParts, rc: ReconstructionCon
     s = s / torch.tensor(sizes, dtype=s.dtype)
     if not rc.hessian_per_sample:
         s = s.mean(0, keepdim=True).expand_as(s).clone()
+    else:
+        s = tempered(s, rc.hessian_sample_power)
     top = s.mean(0).max()
     return s / top if top > 0 else torch.ones_like(s)
+
+
+def tempered(s: torch.Tensor, power: float) -> torch.Tensor:
+    """(N, L) per-sample scores with each column's ratio to its mean raised to ``power``, rescaled to keep the
+    column's mean: the layers keep their relative weights, the samples' spread shrinks (power < 1)."""
+    if power == 1.0:
+        return s
+    mean = s.mean(0, keepdim=True)
+    r = torch.where(mean > 0, s / mean.clamp_min(1e-30), 1.0).clamp_min(0).pow(power)
+    return r / r.mean(0, keepdim=True).clamp_min(1e-30) * mean
 
 
 def channel_profiles(hs: HessianScores | None, parts: BlockParts, cps: list[str],
@@ -66,7 +78,8 @@ def block_output_weights(block: Block, n: int, tables: list[HessianScores], rc: 
         hs = next((t for t in tables if name in t.names), None)
         s = None if hs is None else hs.scores[:, hs.names.index(name)]
         mean = None if s is None else float(s.mean())
-        cols.append(torch.ones(n) if not mean or mean <= 0 or not rc.hessian_per_sample else s / mean)
+        cols.append(torch.ones(n) if not mean or mean <= 0 or not rc.hessian_per_sample
+                    else tempered(s[:, None] / mean, rc.hessian_sample_power)[:, 0])
         per_channel = None if hs is None or hs.per_channel is None or not rc.hessian_per_channel else hs.per_channel
         profiles.append(channel_profile(None if per_channel is None else per_channel.get(name)))
     return torch.stack(cols, 1), profiles
