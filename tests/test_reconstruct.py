@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eptq_fx
-from eptq_fx import EPTQConfig, HessianConfig, ReconstructionConfig
+from eptq_fx import ConfigError, EPTQConfig, HessianConfig, ReconstructionConfig
 from eptq_fx.graph.meta import ActQuant
 from eptq_fx.method.reconstruction import BlockParts, _Trainer, block_config, block_steps
 from eptq_fx.numerics.quantizers import QuantWeightOp, WeightQuantizer, rectified_sigmoid
@@ -142,6 +142,35 @@ def test_layer_weights_are_trace_per_element_normalised_by_the_block_maximum():
     pooled = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True, hessian_per_sample=False),
                             sizes=[8, 2])
     torch.testing.assert_close(pooled, torch.tensor([[0.5, 1.0], [0.5, 1.0]]))
+
+
+def test_tempered_sample_weights_match_numpy_and_keep_each_layers_mean():
+    import numpy as np
+
+    from eptq_fx.method.loss_weights import layer_weights as _layer_weights
+    from eptq_fx.method.loss_weights import tempered
+
+    rng = np.random.default_rng(0)
+    s = rng.gamma(0.8, 2.0, size=(64, 3))
+    for power in (0.0, 0.5, 1.0):
+        r = (s / s.mean(0)) ** power
+        expected = r / r.mean(0) * s.mean(0)
+        np.testing.assert_allclose(tempered(torch.tensor(s), power).numpy(), expected, rtol=1e-12)
+    # the spread over the samples shrinks with the power; the per-layer weights (means) stay
+    half = tempered(torch.tensor(s), 0.5).numpy()
+    assert ((half / half.mean(0)).std(0) < (s / s.mean(0)).std(0)).all()
+    parts = BlockParts({}, {}, [0, 1], [])
+    scores = torch.tensor(s, dtype=torch.float32)
+    full = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True), sizes=[1, 1])
+    flat = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True, hessian_sample_power=0.0),
+                          sizes=[1, 1])
+    torch.testing.assert_close(flat, full.mean(0, keepdim=True).expand_as(full))
+
+
+@pytest.mark.parametrize("power", [-0.1, 1.5, float("nan")])
+def test_hessian_sample_power_is_validated(power):
+    with pytest.raises(ConfigError, match="hessian_sample_power"):
+        ReconstructionConfig(hessian_sample_power=power)
 
 
 def test_per_channel_hessian_weighting_runs_and_changes_the_result():
