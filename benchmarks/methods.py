@@ -56,7 +56,12 @@ VARIANTS = {
     "blockfb0": {"block_fallback_z": 0.0},
     "noblockfb": {"block_fallback_z": 1e9},  # no block reverts (the network-output fallback still applies)
     # each sample's Hessian weight (relative to the mean) to the power 1/2: the sample attention tempered
+    # (default since stop 30, with the block target and the Hessian in every block)
     "temper": {"hessian_sample_power": 0.5},
+    "untempered": {"hessian_sample_power": 1.0},  # the sample attention as the scores are (stop 29's block+hessian)
+    # the default of stops 23-29: per-layer targets, the per-sample, per-channel Hessian only where BatchNorms stay
+    "layers": {"target": "layers", "hessian_scope": "rescaled", "hessian_per_channel": True,
+               "hessian_sample_power": 1.0},
     "rel10": {"reg_relative": 10.0, "reg_relative_max_bits": 16},
     "rel100": {"reg_relative": 100.0, "reg_relative_max_bits": 16},
     "rel1000": {"reg_relative": 1000.0, "reg_relative_max_bits": 16},

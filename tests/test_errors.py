@@ -5,8 +5,8 @@ Decisions these tests pin down:
 * ``EPTQConfig.n_calib`` is a maximum: fewer samples give a warning and the run uses all there are.
 * A Hessian that is zero everywhere (argmax output, output independent of the layers) is a HessianError when
   the loss is Hessian-weighted (``ReconstructionConfig(hessian_weighting=True)``); there is no silent uniform
-  fallback. With the default uniform loss the Hessian only ranks layers for the report, so such a model
-  quantizes with a warning and no sensitivity scores.
+  fallback, and the error names ``hessian_weighting=False``. With that uniform loss the Hessian only ranks layers
+  for the report, so such a model quantizes with a warning and no sensitivity scores.
 * A model in training mode (or with a BatchNorm left in training mode) is quantized as an eval-mode copy, with a
   warning; the user's model keeps its flags and statistics.
 """
@@ -502,12 +502,15 @@ def test_output_independent_of_the_layers_has_an_all_zero_hessian():
 
 
 def test_argmax_output_works_without_hessian_where_none_is_needed(caplog):
-    """RTN needs no Hessian, and the default loss does not either where no BatchNorm stays in the graph (its
-    Hessian scope is empty, the loss uniform): the scores the report would show are missing, with a warning that
-    says why."""
+    """RTN needs no Hessian, nor does EPTQ with a uniform loss: the scores the report would show are missing, with
+    a warning that says why. The default loss weighs by the Hessian, and its error says how to do without it."""
     assert has_qdq(quantize(ArgmaxOutput(), data(), dataclasses.replace(TINY, method="rtn")))
-    assert TINY.reconstruction.hessian_scope is HessianScope.RESCALED
+    assert TINY.reconstruction.hessian_weighting and TINY.reconstruction.hessian_scope is HessianScope.ALL
+    with pytest.raises(HessianError, match=r"or quantize with ReconstructionConfig\(hessian_weighting=False\)\.$"):
+        quantize(ArgmaxOutput(), data(), TINY)
+    uniform = dataclasses.replace(TINY, reconstruction=dataclasses.replace(TINY.reconstruction,
+                                                                           hessian_weighting=False))
     with caplog.at_level("WARNING", logger="eptq_fx"):
-        gm = quantize(ArgmaxOutput(), data(), TINY)
+        gm = quantize(ArgmaxOutput(), data(), uniform)
     assert gm(data()).dtype == torch.int64
     assert any("no Hessian scores for the report" in r.getMessage() for r in caplog.records)

@@ -1,5 +1,6 @@
 """``ReconstructionConfig.hessian_scope``: the Hessian-weighted loss only in blocks whose outputs a BatchNorm that
-could not be folded rescales (ConvMixer's conv → GELU → BN), a uniform loss everywhere else."""
+could not be folded rescales (ConvMixer's conv → GELU → BN), a uniform loss everywhere else. Measured (and tested)
+with the per-layer target, where it was the default until stop 30."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,13 +10,15 @@ import torch
 
 import eptq_fx
 from eptq_fx import EPTQConfig, HessianConfig, HessianScope, ReconstructionConfig
+from eptq_fx.config import Target
 from eptq_fx.errors import ConfigError
 from eptq_fx.method.hessian_stage import rescaled_compare_points
 from examples.models import example_input, make_model
 
 CFG = EPTQConfig(weight_bits=4, act_bits=4, n_calib=64, first_last_8bit=False,
                  hessian=HessianConfig(max_probes=4, min_probes=2, batch_size=32, cache_dir=None),
-                 reconstruction=ReconstructionConfig(iters=20, batch_size=16, hessian_weighting=False))
+                 reconstruction=ReconstructionConfig(iters=20, batch_size=16, hessian_weighting=False,
+                                                     target="layers", hessian_sample_power=1.0))
 SCOPED = dataclasses.replace(CFG, reconstruction=dataclasses.replace(
     CFG.reconstruction, hessian_weighting=True, hessian_per_channel=True, hessian_scope="rescaled"))
 
@@ -25,9 +28,10 @@ def _prepared(name: str, x: torch.Tensor):
 
 
 def test_scope_is_validated():
-    default = ReconstructionConfig()
-    assert default.hessian_weighting and default.hessian_per_channel
-    assert default.hessian_scope is HessianScope.RESCALED
+    default = ReconstructionConfig()  # since stop 30: the block target, every block weighed by the Hessian
+    assert default.hessian_weighting and not default.hessian_per_channel
+    assert default.hessian_scope is HessianScope.ALL and default.target is Target.BLOCK
+    assert default.hessian_sample_power == 0.5
     assert ReconstructionConfig(hessian_scope="rescaled").hessian_scope is HessianScope.RESCALED
     with pytest.raises(ConfigError, match="hessian_scope must be one of all, rescaled"):
         ReconstructionConfig(hessian_scope="some")

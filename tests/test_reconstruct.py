@@ -133,7 +133,8 @@ def test_layer_weights_are_trace_per_element_normalised_by_the_block_maximum():
     # columns: three compare points of the graph; the block holds the 3rd and 1st (in that order)
     scores = torch.tensor([[4.0, 9.0, 8.0], [12.0, 9.0, 24.0]])
     parts = BlockParts({}, {}, [2, 0], [])
-    w = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True), sizes=[8, 2])
+    w = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True, hessian_sample_power=1.0),
+                       sizes=[8, 2])
     # tr/D: layer 3 -> [1, 3], layer 1 -> [2, 6]; largest mean over samples (layer 1: 4) -> 1
     torch.testing.assert_close(w, torch.tensor([[0.25, 0.5], [0.75, 1.5]]))
     uniform = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=False), sizes=[8, 2])
@@ -161,7 +162,8 @@ def test_tempered_sample_weights_match_numpy_and_keep_each_layers_mean():
     assert ((half / half.mean(0)).std(0) < (s / s.mean(0)).std(0)).all()
     parts = BlockParts({}, {}, [0, 1], [])
     scores = torch.tensor(s, dtype=torch.float32)
-    full = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True), sizes=[1, 1])
+    full = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True, hessian_sample_power=1.0),
+                          sizes=[1, 1])
     flat = _layer_weights(scores, parts, ReconstructionConfig(hessian_weighting=True, hessian_sample_power=0.0),
                           sizes=[1, 1])
     torch.testing.assert_close(flat, full.mean(0, keepdim=True).expand_as(full))

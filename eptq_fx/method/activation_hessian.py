@@ -159,7 +159,7 @@ def _draw_probes(leaves: list[torch.Tensor], kind: str, gen: torch.Generator) ->
 def _no_output_dependence(what: str) -> HessianError:
     return HessianError(f"The model output has no floating-point tensor that depends on the {what} (e.g. it "
                         f"ends in argmax or is detached); return the logits/features so the Hessian is "
-                        f"defined.")
+                        f"defined, or quantize with ReconstructionConfig(hessian_weighting=False).")
 
 
 # ---------------------------------------------------------------------------------------------- cache
