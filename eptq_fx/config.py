@@ -156,7 +156,8 @@ class HessianScope(str, enum.Enum):
     next quantizer, e.g. ConvMixer's conv → GELU → BatchNorm; every other block weighs samples and channels alike.
     Why: there the plain squared error misjudges which channels matter downstream and the per-channel Hessian
     corrects it (ConvMixer W2A4 +1.95 on three seeds); where every BatchNorm folds it only concentrates the fit
-    (ResNet-20 W2A4 −1.8, BENCHMARKS.md "Hessian per channel vs uniform weights")."""
+    (ResNet-20 W2A4 −1.8, BENCHMARKS.md "Hessian per channel vs uniform weights"). That was the default with
+    ``Target.LAYERS`` (stops 23–29); with ``Target.BLOCK`` the default weighs every block (``ALL``)."""
 
     ALL = "all"
     RESCALED = "rescaled"
