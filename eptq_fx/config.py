@@ -257,6 +257,10 @@ class ReconstructionConfig:
     # lost 0.41 on ResNet-56 W4A4 while gaining 0.23 on ResNet-20; at 1/2 (the one value tried) it keeps
     # ResNet-20's gain and ResNet-56's accuracy
     hessian_sample_power: float = 0.5
+    # blocks whose narrowest weights have fewer bits than this train with uniform sample weights (1: every block
+    # is Hessian-weighted). Under the block target, W2A4 measured uniform weights ahead of the tempered Hessian
+    # on ResNet-20 (two seeds) and ConvMixer, behind on ResNet-56 (BENCHMARKS.md, stop 31)
+    hessian_min_bits: int = 1
     hessian_scope: HessianScope = HessianScope.ALL
     # keep the result only if the network output on held-out calibration samples is closer to float than
     # round-to-nearest's; the held-out share is not trained on (see method/fallback.py)
@@ -314,6 +318,7 @@ class ReconstructionConfig:
         if not 0.0 <= self.hessian_sample_power <= 1.0:
             raise ConfigError("ReconstructionConfig.hessian_sample_power must be in [0, 1] (1: the Hessian scores "
                               "as they are, 0: every sample weighs alike).")
+        _check_positive("ReconstructionConfig.hessian_min_bits", self.hessian_min_bits)
         if not 0.0 <= self.fallback_holdout <= 0.5:
             raise ConfigError("ReconstructionConfig.fallback_holdout must be in [0, 0.5].")
         if not (self.gamma < 0.0 and self.zeta > 1.0):

@@ -86,6 +86,13 @@ def _narrowest_bits(parts: BlockParts) -> int | None:
     return min(bits) if bits else None
 
 
+def hessian_applies(parts: BlockParts, rc: ReconstructionConfig) -> bool:
+    """Whether the block's loss may be Hessian-weighted by width: its narrowest weights have at least
+    ``rc.hessian_min_bits`` bits (a block without quantized weights: yes)."""
+    bits = _narrowest_bits(parts)
+    return bits is None or bits >= rc.hessian_min_bits
+
+
 def block_config(parts: BlockParts, rc: ReconstructionConfig) -> ReconstructionConfig:
     """``rc`` as one block trains under it: ``block_steps`` steps, and the relative rounding regulariser only
     where the block's narrowest weights have at most ``rc.reg_relative_max_bits`` bits (AdaRound's absolute
@@ -358,7 +365,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             done = True
         if not done and parts.cp_index:
             gen = torch.Generator().manual_seed(config.seed * 100_003 + block.index)
-            weighted = in_scope(block)
+            weighted = in_scope(block) and hessian_applies(parts, rc)
             brc = block_config(parts, rc if weighted else uniform_rc)
             if comparable:
                 layer_w = layer_weights(scores, parts, brc, [t[0].numel() for t in f_targets])
