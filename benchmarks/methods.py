@@ -58,7 +58,7 @@ VARIANTS = {
     # each sample's Hessian weight (relative to the mean) to the power 1/2: the sample attention tempered
     # (default since stop 30, with the block target and the Hessian in every block)
     "temper": {"hessian_sample_power": 0.5},
-    "hmin3": {"hessian_min_bits": 3},  # 2-bit blocks train with uniform sample weights (stop 31)
+    "hmin4": {"hessian_min_bits": 4},  # blocks under 4 bits train with uniform sample weights (stop 31)
     "untempered": {"hessian_sample_power": 1.0},  # the sample attention as the scores are (stop 29's block+hessian)
     # the default of stops 23-29: per-layer targets, the per-sample, per-channel Hessian only where BatchNorms stay
     "layers": {"target": "layers", "hessian_scope": "rescaled", "hessian_per_channel": True,
