@@ -258,8 +258,9 @@ class ReconstructionConfig:
     # ResNet-20's gain and ResNet-56's accuracy
     hessian_sample_power: float = 0.5
     # blocks whose narrowest weights have fewer bits than this train with uniform sample weights (1: every block
-    # is Hessian-weighted). Under the block target the tempered Hessian measured ahead of uniform weights at W4A4
-    # on all three CIFAR models, but level or behind at W3A3 and W2A4 (BENCHMARKS.md, stop 31)
+    # is Hessian-weighted). The tempered Hessian is ahead of uniform weights at W4A4 on all three CIFAR models and
+    # level or behind below 4 bits, but 4 (uniform there) measured below both at W2A4 / W3A3, so the low-bit
+    # differences are noise (BENCHMARKS.md, "The Hessian by bit width")
     hessian_min_bits: int = 1
     hessian_scope: HessianScope = HessianScope.ALL
     # keep the result only if the network output on held-out calibration samples is closer to float than
