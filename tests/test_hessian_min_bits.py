@@ -41,3 +41,25 @@ def test_blocks_below_min_bits_train_exactly_as_the_uniform_run():
         assert not torch.equal(uniform(t), rtn(t))  # reconstruction kept (fallback off)
         assert torch.equal(below(t), uniform(t))
         assert not torch.equal(at(t), uniform(t))  # 2 >= 2: the Hessian weighs these blocks
+
+
+def test_no_block_at_min_bits_means_no_weighting_hessian():
+    """When every block is narrower than hessian_min_bits nothing uses the full label-free Hessian: the stage
+    only scores the layers for the report (report_samples samples, report_probes probes), as for uniform weights."""
+    from eptq_fx.data import CalibSet
+    from eptq_fx.method.hessian_stage import estimate_hessian
+    from eptq_fx.numerics.calibration import calibrate
+
+    x = example_input("tiny_resnet", batch_size=64, seed=2)
+    hc = HessianConfig(max_probes=6, min_probes=6, batch_size=32, cache_dir=None, report_samples=16,
+                       report_probes=2)
+
+    def estimate(**changes):
+        cfg = dataclasses.replace(_with(**changes), hessian=hc)
+        prepared = eptq_fx.prepare(make_model("tiny_resnet"), cfg, example_inputs=(x[:2],))
+        calibrate(prepared, CalibSet((x,)), config=cfg, progress=False)
+        return estimate_hessian(prepared, CalibSet((x,)), cfg, progress=False)
+
+    below, at = estimate(hessian_min_bits=3), estimate(hessian_min_bits=2)
+    assert not below.weighs and below.activation.scores.shape[0] == 16 and below.activation.n_probes <= 2
+    assert at.weighs and at.activation.scores.shape[0] == 64

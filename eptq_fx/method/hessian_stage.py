@@ -24,7 +24,7 @@ from eptq_fx.method.activation_hessian import HessianScores, label_free_hessian
 from eptq_fx.method.block_runner import ensure_batch_layout_
 from eptq_fx.method.weight_hessian import weight_hessian
 from eptq_fx.numerics.calibration import quant_disabled
-from eptq_fx.numerics.quantizers import ActQuantizer
+from eptq_fx.numerics.quantizers import ActQuantizer, QuantWeightOp
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,31 @@ def rescaled_compare_points(gm: fx.GraphModule) -> set[str]:
     return {c for c in compare_points(gm) if rescaled_downstream(gm, by_name[c], quantizer)}
 
 
+def narrowest_weight_bits(gm: fx.GraphModule, node_names) -> int | None:
+    """The fewest weight bits among the quantized weight ops named in ``node_names`` (None: there are none)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    bits = [mod.weight_quant.bits for name in node_names if by_name[name].op == "call_module"
+            for mod in [gm.get_submodule(str(by_name[name].target))]
+            if isinstance(mod, QuantWeightOp) and mod.weight_quant.mode != "off"]
+    return min(bits) if bits else None
+
+
 def weighs_by_hessian(gm: fx.GraphModule, rc: ReconstructionConfig) -> bool:
-    """Whether any block's loss is Hessian-weighted (``hessian_weighting``, within ``hessian_scope``)."""
+    """Whether any block's loss is Hessian-weighted: ``hessian_weighting``, a block within ``hessian_scope``
+    whose narrowest weights have at least ``hessian_min_bits`` bits (or none). When none is, the Hessian is not
+    computed at all."""
     if not rc.hessian_weighting:
         return False
-    return rc.hessian_scope is HessianScope.ALL or bool(rescaled_compare_points(gm))
+    rescaled = None if rc.hessian_scope is HessianScope.ALL else rescaled_compare_points(gm)
+    if rescaled is not None and not rescaled:
+        return False
+    for block in plan_blocks(gm, rc.granularity):
+        if rescaled is not None and not rescaled & set(block.quant_ops):
+            continue
+        bits = narrowest_weight_bits(gm, block.nodes)
+        if bits is None or bits >= rc.hessian_min_bits:
+            return True
+    return False
 
 
 def estimate_hessian(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig,
