@@ -288,3 +288,55 @@ def test_block_fallback_reverts_only_beyond_z_standard_errors(monkeypatch, caplo
 def test_block_fallback_z_is_validated(z):
     with pytest.raises(ConfigError, match="block_fallback_z"):
         ReconstructionConfig(block_fallback_z=z)
+
+
+def test_network_choice_reverts_the_risen_blocks_before_everything():
+    """choose_network_result_: the whole reconstruction when it is closer to float on the held-out samples than
+    round-to-nearest; else round-to-nearest in the quantizers of the risen blocks only, if that is closer; else
+    round-to-nearest everywhere (the same model as a method="rtn" run)."""
+    import copy
+
+    from eptq_fx.method.fallback import choose_network_result_, float_outputs, output_error
+
+    off = dataclasses.replace(CFG, weight_bits=2, reconstruction=dataclasses.replace(CFG.reconstruction, iters=80,
+                                                                                    fallback=False))
+    model, x = make_model("small_cnn"), example_input("small_cnn", batch_size=128, seed=5)
+    calib, hold = CalibSet((x,)), torch.arange(96, 128)
+    prepared = _calibrated(model, x, off)
+    rtn_state, f_hold = snapshot_rtn(prepared), float_outputs(prepared, calib, hold)
+    rtn_err = output_error(prepared, calib, hold, f_hold)
+    with torch.no_grad():
+        rtn_out = prepared.eval()(x)
+    R.reconstruct(prepared, calib, off, progress=False)
+    ops = list(weight_ops(prepared))
+    first, last = ops[0], ops[-1]
+
+    def damaged(name):  # a copy of the reconstructed model with one layer's bias far off
+        gm = copy.deepcopy(prepared)
+        with torch.no_grad():
+            gm.get_submodule(name).op.bias.add_(10.0)
+        return gm
+
+    gm = copy.deepcopy(prepared)
+    with torch.no_grad():
+        eptq_out = gm(x)
+    assert output_error(gm, calib, hold, f_hold) < rtn_err
+    assert choose_network_result_(gm, calib, hold, f_hold, rtn_state, rtn_err, {first}) == "eptq"
+    with torch.no_grad():
+        assert torch.equal(gm(x), eptq_out)
+
+    gm = damaged(last)
+    assert output_error(gm, calib, hold, f_hold) > rtn_err
+    assert choose_network_result_(gm, calib, hold, f_hold, rtn_state, rtn_err, {last}) == "partial"
+    assert output_error(gm, calib, hold, f_hold) <= rtn_err
+    assert torch.equal(gm.get_submodule(last).op.bias, rtn_state.weights[last][1])
+    assert torch.equal(gm.get_submodule(last).weight_quant.scale, rtn_state.weights[last][0])
+    assert torch.equal(gm.get_submodule(first).weight_quant.scale, prepared.get_submodule(first).weight_quant.scale)
+    assert torch.equal(gm.get_submodule(first).op.bias, prepared.get_submodule(first).op.bias)
+
+    gm = damaged(last)  # the damaged layer is not among the risen ones: only a full revert helps
+    assert choose_network_result_(gm, calib, hold, f_hold, rtn_state, rtn_err, {first}) == "rtn"
+    with torch.no_grad():
+        assert torch.equal(gm(x), rtn_out)
+    gm = damaged(last)
+    assert choose_network_result_(gm, calib, hold, f_hold, rtn_state, rtn_err, set()) == "rtn"

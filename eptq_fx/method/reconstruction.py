@@ -29,7 +29,13 @@ from eptq_fx.method import block_runner
 from eptq_fx.method.activation_hessian import HessianScores
 from eptq_fx.method.block_runner import fetch, module_device, module_dtype, on_device, quantizers_train_, run_block
 from eptq_fx.method.checkpoint import RunCheckpoint
-from eptq_fx.method.fallback import float_outputs, output_error, paired_standard_error, restore_rtn_, snapshot_rtn
+from eptq_fx.method.fallback import (
+    choose_network_result_,
+    float_outputs,
+    output_error,
+    paired_standard_error,
+    snapshot_rtn,
+)
 from eptq_fx.method.finetune import finetune_network_
 from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian, rescaled_compare_points
 from eptq_fx.method.loss_weights import channel_profiles, layer_weights, loss_terms
@@ -349,6 +355,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
     f_vals = {by_target[t]: x for t, x in zip(input_names(prepared), local.tensors)}
     q_vals = dict(f_vals)
     store = rc.cache_precision
+    risen: set[str] = set()  # quantizers of the blocks whose held-out loss ended above round-to-nearest's
     for block in tqdm(blocks, desc="EPTQ blocks", disable=not progress):
         sub = block_subgraph(prepared, block)
         parts = _block_parts(prepared, block, cps)
@@ -381,6 +388,8 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             # the SQNR of what the loss compares (this rank's held-out samples; no extra pass over the block)
             logger.info("block %d (%s): loss %.4g -> %.4g, held-out SQNR %.1f dB, %.1f s", block.index,
                         ",".join(block.quant_ops), before, after, sqnr, time.perf_counter() - tb)
+            if after > before:  # kept within block_fallback_z: the network-level choice may still revert it
+                risen |= set(parts.weight_ops) | set(parts.act_quants)
             if ckpt is not None and distributed.is_lead():
                 ckpt.save_block(block.index, parts)
         else:
@@ -395,13 +404,7 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             f_hold = float_outputs(prepared, calib, hold_idx)
         finetune_network_(prepared, calib, rc, n_train, hold_idx, f_hold, config.seed, progress)
     if rc.fallback:
-        eptq_err = output_error(prepared, calib, hold_idx, f_hold)
-        logger.info("network output error on %d held-out samples: round-to-nearest %.4g, EPTQ %.4g",
-                    len(hold_idx), rtn_err, eptq_err)
-        if not eptq_err <= rtn_err:  # a NaN (diverged) counts as worse
-            restore_rtn_(prepared, rtn)
-            logger.warning("EPTQ moved the network output further from float than round-to-nearest "
-                           "(%.4g > %.4g on held-out samples): kept round-to-nearest", eptq_err, rtn_err)
+        choose_network_result_(prepared, calib, hold_idx, f_hold, rtn, rtn_err, risen)
     logger.info("EPTQ reconstruction: %d blocks (%s), %d steps each, %.1f s", len(blocks), rc.granularity,
                 rc.iters, time.perf_counter() - t0)
     return prepared
