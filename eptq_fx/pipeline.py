@@ -17,7 +17,7 @@ from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig
 from eptq_fx.data import materialize
 from eptq_fx.errors import CalibrationDataError, ConfigError, EPTQError, ModelError, TraceError
-from eptq_fx.graph.meta import HESSIAN_MEAN, RUN_RECORD, SOURCE_IR, STATIC_BATCH
+from eptq_fx.graph.meta import HESSIAN_MEAN, RECONSTRUCTION_OUTCOME, RUN_RECORD, SOURCE_IR, STATIC_BATCH
 from eptq_fx.graph.passes.infra import prepare_pass_manager
 from eptq_fx.graph.passes.qdq_insertion import act_quantizers, compare_points, weight_ops
 from eptq_fx.graph.passes.qdq_lowering import convert
@@ -272,7 +272,8 @@ def _record_run(prepared, float_gm, calib, config, stages, sqnr_rtn, mp_choice) 
         "layers": layers, "n_calib": calib.n, "stage_seconds": stages, "config": config.fingerprint_dict(),
         "hessian": prepared.meta.get(HESSIAN_MEAN), "sqnr_rtn": sqnr_rtn, "sqnr_final": sqnr_final,
         "float_bytes": float_bytes, "quantized_bytes": quantized_bytes,
-        "mixed_precision": None if mp_choice is None else mp_choice.as_dict()}
+        "mixed_precision": None if mp_choice is None else mp_choice.as_dict(),
+        "reconstruction": prepared.meta.get(RECONSTRUCTION_OUTCOME)}
 
 
 @full_float32()

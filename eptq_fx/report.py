@@ -112,7 +112,7 @@ def report(quantized: torch.nn.Module) -> dict:
     q_weight_bytes = sum(r["weight_numel"] * r["weight_bits"] / 8 for r in layers if r["weight_bits"])
     totals = {"float_bytes": record["float_bytes"], "quantized_bytes": record["quantized_bytes"],
               "quantized_weight_bytes": int(round(q_weight_bytes)), "calibration_samples": record["n_calib"],
-              "stage_seconds": record["stage_seconds"]}
+              "stage_seconds": record["stage_seconds"], "reconstruction": record.get("reconstruction")}
     return {"version": REPORT_VERSION, "config": record.get("config"), "layers": layers, "totals": totals,
             "mixed_precision": record.get("mixed_precision")}
 
@@ -139,6 +139,15 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+# what the network-level fallback kept (method/fallback.py), as format_table says it
+_OUTCOME = {"eptq": "kept (closer to float than round-to-nearest on the held-out calibration samples)",
+            "partial": "kept, with the {} quantizers of the blocks whose held-out loss had risen back at "
+                       "round-to-nearest (the whole result was further from float than round-to-nearest)",
+            "rtn": "discarded: round-to-nearest kept in all {} quantizers (EPTQ was further from float on the "
+                   "held-out calibration samples)",
+            "unchecked": "kept without the network-level test (fallback=False)"}
+
+
 def format_table(rep: dict) -> str:
     """The report as a fixed-width table, one line per layer, then the totals."""
     head = f"{'layer':<28} {'blk':>3} {'W':>3} {'A':>3} {'w scale med':>11} {'a scale':>9} {'hessian':>10} " \
@@ -156,6 +165,9 @@ def format_table(rep: dict) -> str:
     lines.append(f"model size: {t['float_bytes']:,} B float -> {t['quantized_bytes']:,} B quantized "
                  f"({t['quantized_weight_bytes']:,} B of quantized weights); {t['calibration_samples']} "
                  f"calibration samples; {stages}")
+    outcome = t.get("reconstruction")
+    if outcome:
+        lines.append("reconstruction: " + _OUTCOME[outcome["kept"]].format(len(outcome["reverted"])))
     mp = rep.get("mixed_precision")
     if mp:
         lines.append(f"mixed precision: {mp['used_bytes']:,} of {mp['budget_bytes']:,} B budget "

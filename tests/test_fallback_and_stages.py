@@ -340,3 +340,49 @@ def test_network_choice_reverts_the_risen_blocks_before_everything():
         assert torch.equal(gm(x), rtn_out)
     gm = damaged(last)
     assert choose_network_result_(gm, calib, hold, f_hold, rtn_state, rtn_err, set()) == "rtn"
+
+
+def test_the_network_outcome_is_recorded_and_reported(monkeypatch):
+    """What the network-level fallback kept is on the prepared graph and in eptq_fx.report: "rtn" with every
+    quantizer, "partial" with the quantizers of the blocks that reported a rise, "unchecked" without the test."""
+    from eptq_fx.graph.meta import RECONSTRUCTION_OUTCOME
+    from eptq_fx.method.fallback import active_quantizers
+    from eptq_fx.report import format_table, report
+
+    model, x = make_model("tiny_resnet"), example_input("tiny_resnet", batch_size=128, seed=3)
+    wrecked: list[set[str]] = []
+
+    def train(rise_first: bool):
+        def fake(sub, block, parts, *args, **kwargs):  # the first block wrecks the network, the others do nothing
+            if not wrecked:
+                wrecked.append(set(parts.weight_ops) | set(parts.act_quants))
+                for op in parts.weight_ops.values():
+                    with torch.no_grad():
+                        op.op.bias.add_(5.0)
+                return 1.0, (1.5 if rise_first else 0.5), 20.0
+            return 1.0, 0.9, 20.0
+        return fake
+
+    monkeypatch.setattr(R, "_train_block", train(rise_first=False))
+    prepared = _calibrated(model, x, CFG)
+    R.reconstruct(prepared, CalibSet((x,)), CFG, progress=False)
+    assert prepared.meta[RECONSTRUCTION_OUTCOME] == {"kept": "rtn", "reverted": active_quantizers(prepared)}
+
+    wrecked.clear()
+    monkeypatch.setattr(R, "_train_block", train(rise_first=True))
+    prepared = _calibrated(model, x, CFG)
+    R.reconstruct(prepared, CalibSet((x,)), CFG, progress=False)
+    assert prepared.meta[RECONSTRUCTION_OUTCOME] == {"kept": "partial", "reverted": sorted(wrecked[0])}
+    rtn = eptq_fx.quantize(model, x, dataclasses.replace(CFG, method="rtn"), progress=False)
+    with torch.no_grad():  # the other blocks did not change anything: back at round-to-nearest exactly
+        assert torch.equal(eptq_fx.convert(prepared)(x[:8]), rtn(x[:8]))
+
+    monkeypatch.undo()
+    off = dataclasses.replace(CFG, reconstruction=dataclasses.replace(CFG.reconstruction, fallback=False))
+    rep = report(eptq_fx.quantize(model, x, off, progress=False))
+    assert rep["totals"]["reconstruction"] == {"kept": "unchecked", "reverted": []}
+    assert "reconstruction: kept without the network-level test" in format_table(rep)
+    rep = report(eptq_fx.quantize(model, x, CFG, progress=False))
+    kept = rep["totals"]["reconstruction"]["kept"]
+    assert kept in ("eptq", "partial", "rtn") and "reconstruction: " in format_table(rep)
+    assert report(rtn)["totals"]["reconstruction"] is None  # method="rtn": nothing was reconstructed

@@ -23,6 +23,9 @@ BLOCKS = "eptq_fx.blocks"
 HESSIAN_MEAN = "eptq_fx.hessian_mean"
 # On the GraphModule (gm.meta) returned by quantize: what the run decided and measured (eptq_fx.report reads it).
 RUN_RECORD = "eptq_fx.run_record"
+# On the GraphModule (gm.meta), set by reconstruction: what the network-level fallback kept, {"kept": "eptq" |
+# "partial" | "rtn" | "unchecked" (fallback off), "reverted": [quantizers it put back at round-to-nearest]}.
+RECONSTRUCTION_OUTCOME = "eptq_fx.reconstruction_outcome"
 # On a conv/linear node that absorbed a BatchNorm: the BN's qualified name (for logs and tests).
 FOLDED_BN = "eptq_fx.folded_bn"
 # On the GraphModule: "aten" when captured from torch.export (convert then emits aten ops), else "torch".

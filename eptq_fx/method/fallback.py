@@ -59,6 +59,12 @@ def restore_rtn_(prepared: fx.GraphModule, state: RTNState, only: set[str] | Non
             aq.log_gain.zero_()
 
 
+def active_quantizers(prepared: fx.GraphModule) -> list[str]:
+    """Names of the weight ops with quantized weights and of the activation quantizers, sorted."""
+    return sorted([n for n, op in weight_ops(prepared).items() if op.weight_quant.mode != "off"]
+                  + list(act_quantizers(prepared)))
+
+
 def choose_network_result_(prepared: fx.GraphModule, calib: CalibSet, hold_idx: torch.Tensor,
                            f_hold: list[torch.Tensor], rtn: RTNState, rtn_err: float, risen: set[str]) -> str:
     """Keep the reconstruction, part of it, or round-to-nearest, whichever brings the network output on the

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from eptq_fx import distributed
 from eptq_fx.config import EPTQConfig, HessianScope, Precision, ReconstructionConfig, Target
 from eptq_fx.data import CalibSet
-from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN
+from eptq_fx.graph.meta import BLOCKS, HESSIAN_MEAN, RECONSTRUCTION_OUTCOME
 from eptq_fx.graph.passes.batch_layout import splits_by_sample
 from eptq_fx.graph.passes.block_schedule import Block, block_subgraph, schedule_blocks
 from eptq_fx.graph.passes.qdq_insertion import compare_points
@@ -30,6 +30,7 @@ from eptq_fx.method.activation_hessian import HessianScores
 from eptq_fx.method.block_runner import fetch, module_device, module_dtype, on_device, quantizers_train_, run_block
 from eptq_fx.method.checkpoint import RunCheckpoint
 from eptq_fx.method.fallback import (
+    active_quantizers,
     choose_network_result_,
     float_outputs,
     output_error,
@@ -403,8 +404,11 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
         if not rc.fallback:
             f_hold = float_outputs(prepared, calib, hold_idx)
         finetune_network_(prepared, calib, rc, n_train, hold_idx, f_hold, config.seed, progress)
+    kept, reverted = "unchecked", []
     if rc.fallback:
-        choose_network_result_(prepared, calib, hold_idx, f_hold, rtn, rtn_err, risen)
+        kept = choose_network_result_(prepared, calib, hold_idx, f_hold, rtn, rtn_err, risen)
+        reverted = {"partial": sorted(risen), "rtn": active_quantizers(prepared)}.get(kept, [])
+    prepared.meta[RECONSTRUCTION_OUTCOME] = {"kept": kept, "reverted": reverted}  # for eptq_fx.report
     logger.info("EPTQ reconstruction: %d blocks (%s), %d steps each, %.1f s", len(blocks), rc.granularity,
                 rc.iters, time.perf_counter() - t0)
     return prepared
