@@ -386,3 +386,36 @@ def test_the_network_outcome_is_recorded_and_reported(monkeypatch):
     kept = rep["totals"]["reconstruction"]["kept"]
     assert kept in ("eptq", "partial", "rtn") and "reconstruction: " in format_table(rep)
     assert report(rtn)["totals"]["reconstruction"] is None  # method="rtn": nothing was reconstructed
+
+
+def test_a_resumed_run_knows_which_blocks_rose(monkeypatch, tmp_path):
+    """The partial network fallback reverts the blocks whose held-out loss rose; a resumed run restores its
+    blocks from the checkpoint files rather than training them, and must still know which ones rose."""
+    from eptq_fx.graph.meta import RECONSTRUCTION_OUTCOME
+
+    cfg = dataclasses.replace(CFG, weight_bits=2, reconstruction=dataclasses.replace(CFG.reconstruction, iters=80))
+    model, x = make_model("small_cnn"), example_input("small_cnn", batch_size=128, seed=5)
+    calls, real = [], R._train_block
+    first = _calibrated(model, x, cfg)
+    last = len(plan_blocks(first, cfg.reconstruction.granularity)) - 1
+
+    def fake(sub, block, parts, *args, **kwargs):  # trains; then the last block wrecks the network, reports a rise
+        calls.append(block.index)
+        before, after, sqnr = real(sub, block, parts, *args, **kwargs)
+        if block.index != last:
+            return before, min(after, before), sqnr
+        for op in parts.weight_ops.values():
+            with torch.no_grad():
+                op.op.bias.add_(5.0)
+        return before, 1.5 * before, sqnr
+
+    monkeypatch.setattr(R, "_train_block", fake)
+    R.reconstruct(first, CalibSet((x,)), cfg, progress=False, resume_dir=str(tmp_path))
+    assert first.meta[RECONSTRUCTION_OUTCOME]["kept"] == "partial"
+    n_trained = len(calls)
+    resumed = _calibrated(model, x, cfg)
+    R.reconstruct(resumed, CalibSet((x,)), cfg, progress=False, resume_dir=str(tmp_path))
+    assert len(calls) == n_trained  # every block came from its file
+    assert resumed.meta[RECONSTRUCTION_OUTCOME] == first.meta[RECONSTRUCTION_OUTCOME]
+    with torch.no_grad():
+        assert torch.equal(eptq_fx.convert(resumed)(x[:8]), eptq_fx.convert(first)(x[:8]))

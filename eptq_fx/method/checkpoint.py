@@ -54,6 +54,7 @@ def run_fingerprint(prepared: fx.GraphModule, config: EPTQConfig, calib: CalibSe
 class RunCheckpoint:
     def __init__(self, root: Path):
         self.root = root
+        self.rose: dict[int, bool] = {}  # per restored block: its saved ``rose`` flag
 
     @classmethod
     def open(cls, resume_dir: str, prepared: fx.GraphModule, config: EPTQConfig, calib: CalibSet) -> RunCheckpoint:
@@ -82,8 +83,11 @@ class RunCheckpoint:
     def _path(self, index: int) -> Path:
         return self.root / f"block_{index}.pt"
 
-    def save_block(self, index: int, parts) -> None:
+    def save_block(self, index: int, parts, rose: bool = False) -> None:
+        """``rose``: the block's held-out loss ended above round-to-nearest's (kept within block_fallback_z), which
+        the network-level fallback needs to know after a resume too."""
         state = {
+            "rose": rose,
             "weights": {name: {"scale": op.weight_quant.scale.detach().clone(),
                                "w_floor": op.weight_quant.w_floor.clone(),
                                "alpha": op.weight_quant.alpha.detach().clone(),
@@ -106,6 +110,7 @@ class RunCheckpoint:
             raise CheckpointError(f"{path} cannot be read ({e}); delete it to retrain that block.") from e
         if set(state["weights"]) != set(parts.weight_ops) or set(state["acts"]) != set(parts.act_quants):
             raise CheckpointError(f"{path} does not match block {index} of this model; use a new directory.")
+        self.rose[index] = bool(state.get("rose", False))  # files from before stop 32 have no flag
         with torch.no_grad():
             for name, op in parts.weight_ops.items():
                 s, wq = state["weights"][name], op.weight_quant

@@ -366,6 +366,8 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             f_out = run_block(sub, f_vals, block, None, store=store, keep=None if comparable else n_out)
         f_targets = f_out[n_out:]
         done = ckpt is not None and ckpt.restore_block_(block.index, parts)
+        if done and ckpt.rose.get(block.index):
+            risen |= set(parts.weight_ops) | set(parts.act_quants)
         if not done and parts.cp_index and not comparable \
                 and not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in f_out):
             logger.warning("block %d: neither its layer outputs (%s) nor its outputs can be compared sample by "
@@ -389,10 +391,11 @@ def reconstruct(prepared: fx.GraphModule, calib: CalibSet, config: EPTQConfig, r
             # the SQNR of what the loss compares (this rank's held-out samples; no extra pass over the block)
             logger.info("block %d (%s): loss %.4g -> %.4g, held-out SQNR %.1f dB, %.1f s", block.index,
                         ",".join(block.quant_ops), before, after, sqnr, time.perf_counter() - tb)
-            if after > before:  # kept within block_fallback_z: the network-level choice may still revert it
+            rose = after > before  # kept within block_fallback_z: the network-level choice may still revert it
+            if rose:
                 risen |= set(parts.weight_ops) | set(parts.act_quants)
             if ckpt is not None and distributed.is_lead():
-                ckpt.save_block(block.index, parts)
+                ckpt.save_block(block.index, parts, rose=rose)
         else:
             q_out = run_block(sub, q_vals, block, None, keep=n_out, store=store)
         for j, name in enumerate(block.outputs):
