@@ -58,9 +58,13 @@ def rescaled_compare_points(gm: fx.GraphModule) -> set[str]:
     return {c for c in compare_points(gm) if rescaled_downstream(gm, by_name[c], quantizer)}
 
 
-def narrowest_weight_bits(gm: fx.GraphModule, node_names) -> int | None:
-    """The fewest weight bits among the quantized weight ops named in ``node_names`` (None: there are none)."""
-    by_name = {n.name: n for n in gm.graph.nodes}
+def width_admits_hessian(narrowest_bits: int | None, rc: ReconstructionConfig) -> bool:
+    """Whether a block whose narrowest quantized weights have ``narrowest_bits`` bits (None: it has none) may be
+    Hessian-weighted: at least ``rc.hessian_min_bits``."""
+    return narrowest_bits is None or narrowest_bits >= rc.hessian_min_bits
+
+
+def _narrowest_weight_bits(gm: fx.GraphModule, by_name: dict[str, fx.Node], node_names) -> int | None:
     bits = [mod.weight_quant.bits for name in node_names if by_name[name].op == "call_module"
             for mod in [gm.get_submodule(str(by_name[name].target))]
             if isinstance(mod, QuantWeightOp) and mod.weight_quant.mode != "off"]
@@ -73,14 +77,16 @@ def weighs_by_hessian(gm: fx.GraphModule, rc: ReconstructionConfig) -> bool:
     computed at all."""
     if not rc.hessian_weighting:
         return False
+    if rc.hessian_scope is HessianScope.ALL and rc.hessian_min_bits <= 1:  # every block (the default)
+        return True
     rescaled = None if rc.hessian_scope is HessianScope.ALL else rescaled_compare_points(gm)
     if rescaled is not None and not rescaled:
         return False
+    by_name = {n.name: n for n in gm.graph.nodes}
     for block in plan_blocks(gm, rc.granularity):
         if rescaled is not None and not rescaled & set(block.quant_ops):
             continue
-        bits = narrowest_weight_bits(gm, block.nodes)
-        if bits is None or bits >= rc.hessian_min_bits:
+        if width_admits_hessian(_narrowest_weight_bits(gm, by_name, block.nodes), rc):
             return True
     return False
 

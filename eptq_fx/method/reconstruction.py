@@ -38,7 +38,12 @@ from eptq_fx.method.fallback import (
     snapshot_rtn,
 )
 from eptq_fx.method.finetune import finetune_network_
-from eptq_fx.method.hessian_stage import HessianEstimate, estimate_hessian, rescaled_compare_points
+from eptq_fx.method.hessian_stage import (
+    HessianEstimate,
+    estimate_hessian,
+    rescaled_compare_points,
+    width_admits_hessian,
+)
 from eptq_fx.method.loss_weights import channel_profiles, layer_weights, loss_terms
 from eptq_fx.numerics.calibration import init_weight_scales_, input_names, quant_disabled
 from eptq_fx.numerics.distance import squared_distance
@@ -96,8 +101,7 @@ def _narrowest_bits(parts: BlockParts) -> int | None:
 def hessian_applies(parts: BlockParts, rc: ReconstructionConfig) -> bool:
     """Whether the block's loss may be Hessian-weighted by width: its narrowest weights have at least
     ``rc.hessian_min_bits`` bits (a block without quantized weights: yes)."""
-    bits = _narrowest_bits(parts)
-    return bits is None or bits >= rc.hessian_min_bits
+    return width_admits_hessian(_narrowest_bits(parts), rc)
 
 
 def block_config(parts: BlockParts, rc: ReconstructionConfig) -> ReconstructionConfig:
